@@ -1,0 +1,1 @@
+"""ppfr.pipelines: NVIDIA DALI input pipelines (DALI is optional and imported lazily inside functions)."""

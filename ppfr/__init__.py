@@ -1,0 +1,14 @@
+"""ppfr: privacy-preserving face recognition on fused kernels.
+
+Importing ppfr never needs a GPU, Triton, DALI or TensorRT: optional pieces load lazily, and
+``python -m ppfr.info`` reports what works here.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ppfr._backend import BACKENDS, BackendUnavailableError
+from ppfr.ops.freq import freq_decode, freq_encode, freq_hflip
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "__version__", "freq_decode", "freq_encode", "freq_hflip"]
