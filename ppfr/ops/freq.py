@@ -308,9 +308,9 @@ def _launch_decode(backend: str, f: torch.Tensor, src: torch.Tensor) -> torch.Te
 @torch.library.custom_op("ppfr::freq_encode", mutates_args=())
 def _freq_encode_op(x: torch.Tensor, channels: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     if backend == "ref":
-        return freq_encode_ref(x, channels)
+        return freq_encode_ref(x, channels).contiguous()
     if backend == "torch":
-        return _encode_torch(x.to(_compute_dtype(x.dtype)), channels).to(x.dtype)
+        return _encode_torch(x.to(_compute_dtype(x.dtype)), channels).to(x.dtype).contiguous()
     return _launch_encode(backend, x, channels).to(x.dtype)
 
 
@@ -338,9 +338,9 @@ _freq_encode_op.register_autograd(_encode_backward, setup_context=_encode_setup)
 def _freq_decode_op(f: torch.Tensor, src: torch.Tensor, backend: str) -> torch.Tensor:
     """Linear part of d(x) (unclamped): (B,K,H,W) coefficients + (B,192) source map -> (B,3,H,W)."""
     if backend == "ref":
-        return _decode_ref_linear(f, src)
+        return _decode_ref_linear(f, src).contiguous()
     if backend == "torch":
-        return _decode_torch_linear(f.to(_compute_dtype(f.dtype)), src).to(f.dtype)
+        return _decode_torch_linear(f.to(_compute_dtype(f.dtype)), src).to(f.dtype).contiguous()
     return _launch_decode(backend, f, src).to(f.dtype)
 
 
@@ -374,7 +374,7 @@ def _freq_hflip_op(f: torch.Tensor, channels: Optional[torch.Tensor], backend: s
     if backend == "torch":
         s = _hflip_signs(f.shape[1], channels, f.device, f.dtype)
         s = s[None, :, None, None] if s.dim() == 1 else s[:, :, None, None]
-        return f.flip(-1) * s
+        return (f.flip(-1) * s).contiguous()
     b, k, h, w = f.shape
     signs = _hflip_signs(k, channels, f.device, torch.float32)
     signs = signs.expand(b, k).contiguous()

@@ -4,7 +4,7 @@ No GPU is needed: triton.compile with a GPUTarget runs the whole pipeline (ttir 
 cubin via ptxas). This catches what Triton's interpreter accepts but the GPU compiler rejects. Each compile
 runs in its own subprocess with a timeout (a register blow-up can make ptxas run for many minutes).
 
-Usage: python tools/triton_aot_check.py [--arch 80 90] [--timeout 300] [--out DIR]
+Usage: python -m ppfr.kernels.aot [--arch 80 90] [--timeout 300] [--out DIR]
 Exit status 1 if any kernel fails to compile for any arch.
 """
 
@@ -36,6 +36,28 @@ print(json.dumps(info))
 """
 
 
+def compile_one(module: str, name: str, arch: int, timeout: float, out: str = "") -> tuple[bool, str, float]:
+    """Compile one kernel for one arch in a subprocess; returns (ok, detail, seconds)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for real
+    t0 = time.perf_counter()
+    try:
+        res = subprocess.run(
+            [sys.executable, "-c", _CHILD, module, name, str(arch), out],
+            capture_output=True, text=True, timeout=timeout, env=env,
+        )  # fmt: skip
+        ok = res.returncode == 0
+        detail = res.stdout.strip().splitlines()[-1] if ok else res.stderr.strip()[-3000:]
+    except subprocess.TimeoutExpired:
+        ok, detail = False, f"timed out after {timeout:.0f} s"
+    return ok, detail, time.perf_counter() - t0
+
+
+def all_specs() -> list[tuple[str, str]]:
+    """(module, kernel name) of every Triton kernel ppfr ships."""
+    kernels_pkg = importlib.import_module("ppfr.kernels")
+    return [(mod, name) for mod in kernels_pkg.KERNEL_MODULES for name in importlib.import_module(mod).AOT_SPECS]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", nargs="+", type=int, default=[80, 90])
@@ -43,29 +65,14 @@ def main() -> int:
     ap.add_argument("--out", default="", help="write .ptx/.cubin files here")
     args = ap.parse_args()
 
-    kernels_pkg = importlib.import_module("ppfr.kernels")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for real
     failures = 0
-    for mod in kernels_pkg.KERNEL_MODULES:
-        specs = importlib.import_module(mod).AOT_SPECS
-        for name in specs:
-            for arch in args.arch:
-                t0 = time.perf_counter()
-                try:
-                    res = subprocess.run(
-                        [sys.executable, "-c", _CHILD, mod, name, str(arch), args.out],
-                        capture_output=True, text=True, timeout=args.timeout, env=env,
-                    )  # fmt: skip
-                    ok = res.returncode == 0
-                    detail = res.stdout.strip().splitlines()[-1] if ok else res.stderr.strip()[-2000:]
-                except subprocess.TimeoutExpired:
-                    ok, detail = False, f"timed out after {args.timeout:.0f} s"
-                dt = time.perf_counter() - t0
-                status = "OK  " if ok else "FAIL"
-                print(f"{status} {mod}.{name} sm_{arch} ({dt:.1f} s) {detail if ok else ''}", flush=True)
-                if not ok:
-                    print(detail, file=sys.stderr)
-                    failures += 1
+    for mod, name in all_specs():
+        for arch in args.arch:
+            ok, detail, dt = compile_one(mod, name, arch, args.timeout, args.out)
+            print(f"{'OK  ' if ok else 'FAIL'} {mod}.{name} sm_{arch} ({dt:.1f} s) {detail if ok else ''}", flush=True)
+            if not ok:
+                print(detail, file=sys.stderr)
+                failures += 1
     print(json.dumps({"failures": failures}))
     return 1 if failures else 0
 
