@@ -1,5 +1,5 @@
 // Block-DCT frequency transform kernels (METHODS.md §2): torch-free declarations shared by the CPU
-// (freq_cpu.cpp) and CUDA (freq.cu) implementations and their pybind11 bindings.
+// (freq_cpu.cpp) and CUDA (freq_cuda.cu) implementations and their pybind11 bindings.
 //
 // All tensors are contiguous, row-major. The math lives in the tables built by ppfr/ops/_freq_tables.py:
 //   enc idx (3, N) int32 / enc w (8, 3, N): 3-tap banded operator per axis and frequency (encode)
@@ -40,8 +40,6 @@ int freq_encode_cuda(const float* x, float* out, int64_t B, int64_t H, int64_t W
 int freq_decode_cuda(const float* f, float* out, int64_t B, int64_t H, int64_t W, int64_t K, const int64_t* src,
                      const int32_t* ridx, const float* rw, const int32_t* cidx, const float* cw,
                      const float* affine, void* stream);
-const char* cuda_error_string(int err);
-int cuda_device_count();
 #endif
 
 }  // namespace ppfr

@@ -55,7 +55,7 @@ def compile_one(module: str, name: str, arch: int, timeout: float, out: str = ""
 def all_specs() -> list[tuple[str, str]]:
     """(module, kernel name) of every Triton kernel ppfr ships."""
     kernels_pkg = importlib.import_module("ppfr.kernels")
-    return [(mod, name) for mod in kernels_pkg.KERNEL_MODULES for name in importlib.import_module(mod).AOT_SPECS]
+    return [(mod, name) for mod in kernels_pkg.kernel_modules() for name in importlib.import_module(mod).AOT_SPECS]
 
 
 def main() -> int:

@@ -30,26 +30,16 @@ def _version(pkg: str) -> str | None:
 
 
 def _op_checks() -> dict[str, tuple[tuple[str, ...], Callable[[str, torch.device], float]]]:
-    from ppfr.ops import freq
+    """Every op module under ppfr.ops declares SELF_CHECKS = {op: (backends, check(backend, device) -> err)}."""
+    import pkgutil
 
-    def enc(backend: str, dev: torch.device) -> float:
-        x = torch.rand(1, 3, 8, 8, device=dev) * 2 - 1
-        ch = torch.tensor([0, 9, 100], device=dev)
-        return (freq.freq_encode(x, ch, backend=backend) - freq.freq_encode_ref(x, ch)).abs().max().item()
+    import ppfr.ops
 
-    def dec(backend: str, dev: torch.device) -> float:
-        f = freq.freq_encode_ref(torch.rand(1, 3, 8, 8, device=dev) * 2 - 1)
-        return (freq.freq_decode(f, backend=backend) - freq.freq_decode_ref(f)).abs().max().item()
-
-    def flip(backend: str, dev: torch.device) -> float:
-        f = torch.randn(1, 192, 4, 4, device=dev)
-        return (freq.freq_hflip(f, backend=backend) - freq.freq_hflip(f, backend="torch")).abs().max().item()
-
-    return {
-        "freq_encode": (freq.ENCODE_BACKENDS, enc),
-        "freq_decode": (freq.DECODE_BACKENDS, dec),
-        "freq_hflip": (freq.HFLIP_BACKENDS, flip),
-    }
+    checks: dict = {}
+    for mod in pkgutil.iter_modules(ppfr.ops.__path__):
+        if not mod.name.startswith("_"):
+            checks.update(getattr(importlib.import_module(f"ppfr.ops.{mod.name}"), "SELF_CHECKS", {}))
+    return checks
 
 
 def collect() -> dict:

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ppfr.ops.freq import ChannelsLike, _as_index, freq_decode, freq_encode, freq_hflip
+from ppfr.ops._validate import as_index
+from ppfr.ops.freq import ChannelsLike, freq_decode, freq_encode, freq_hflip
 
 
 class FreqEncode(nn.Module):
@@ -15,7 +16,7 @@ class FreqEncode(nn.Module):
 
     def __init__(self, channels: ChannelsLike = None, backend: str = "auto") -> None:
         super().__init__()
-        ch = None if channels is None else _as_index("channels", channels, torch.device("cpu"))
+        ch = None if channels is None else as_index("channels", channels, torch.device("cpu"))
         self.register_buffer("channels", ch, persistent=False)
         self.backend = backend
 

@@ -9,7 +9,7 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt 2> >(grep -v "^WARNING: Location" >&2)
 export MAX_JOBS="${MAX_JOBS:-2}"
 # `setup.py develop` works with setuptools >= 80 because the build never imports torch (see setup.py).
 .venv/bin/python setup.py develop > .venv/ppfr-build.log 2>&1 || { tail -50 .venv/ppfr-build.log; exit 1; }

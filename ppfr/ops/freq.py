@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ppfr import _backend, _ext
 from ppfr.ops import _freq_tables as T
+from ppfr.ops._validate import FLOAT_TYPES, as_index, check_planes, compiling
 
 NUM_CHANNELS = 192
 ChannelsLike = Union[None, torch.Tensor, Sequence[int]]
@@ -35,46 +36,16 @@ ENCODE_BACKENDS = ("ref", "torch", "cpp", "triton", "cuda")
 DECODE_BACKENDS = ("ref", "torch", "cpp", "triton", "cuda")
 HFLIP_BACKENDS = ("torch", "cpp", "triton")
 
-_FLOAT_TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INT_TYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Input validation (the API boundary): wrong shapes and dtypes are rejected here with messages that say what.
 # ----------------------------------------------------------------------------------------------------------
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
-def _check_planes(name: str, t: torch.Tensor, channels: Optional[int] = None) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}")
-    if channels is not None and t.shape[1] != channels:
-        raise ValueError(f"{name} must have {channels} channels, got shape {tuple(t.shape)}")
-    if t.dtype not in _FLOAT_TYPES:
-        raise TypeError(f"{name} must be floating point (float16/bfloat16/float32/float64), got {t.dtype}")
-    if t.shape[2] < 2 or t.shape[3] < 2:
-        raise ValueError(f"{name} spatial size must be at least 2x2, got {tuple(t.shape[2:])}")
-
-
-def _as_index(name: str, idx: ChannelsLike, device: torch.device) -> torch.Tensor:
-    if isinstance(idx, torch.Tensor):
-        if idx.dtype not in _INT_TYPES:
-            raise TypeError(f"{name} must be an integer tensor, got {idx.dtype}")
-        return idx.to(device=device, dtype=torch.int64)
-    try:
-        return torch.as_tensor(list(idx), dtype=torch.int64, device=device)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be None, a sequence of ints or an integer tensor ({exc})") from None
-
-
 def normalize_channels(channels: ChannelsLike, batch: int, device: torch.device) -> Optional[torch.Tensor]:
     """Validate a channel selection; returns None (all 192), a (K,) or a (B, K) int64 tensor."""
     if channels is None:
         return None
-    ch = _as_index("channels", channels, device)
+    ch = as_index("channels", channels, device)
     if ch.dim() == 2:
         if ch.shape[0] != batch:
             raise ValueError(f"per-sample channels must be (B={batch}, K), got {tuple(ch.shape)}")
@@ -82,7 +53,7 @@ def normalize_channels(channels: ChannelsLike, batch: int, device: torch.device)
         raise ValueError(f"channels must be 1-D (K,) or 2-D (B, K), got shape {tuple(ch.shape)}")
     if ch.shape[-1] < 1:
         raise ValueError("channels must select at least one channel")
-    if not _compiling() and ch.numel() and (int(ch.min()) < 0 or int(ch.max()) >= NUM_CHANNELS):
+    if not compiling() and ch.numel() and (int(ch.min()) < 0 or int(ch.max()) >= NUM_CHANNELS):
         raise ValueError(f"channels must lie in [0, {NUM_CHANNELS}), got [{int(ch.min())}, {int(ch.max())}]")
     return ch.contiguous()
 
@@ -137,7 +108,7 @@ def freq_encode_ref(x: torch.Tensor, channels: ChannelsLike = None) -> torch.Ten
     Returns:
         (B, K, H, W) raw DCT coefficients in ``x.dtype`` (Y-DC spans about +-1024).
     """
-    _check_planes("x", x, 3)
+    check_planes("x", x, 3)
     ch = normalize_channels(channels, x.shape[0], x.device)
     b, _, h, w = x.shape
     dt = x.dtype
@@ -435,7 +406,7 @@ def freq_encode(x: torch.Tensor, channels: ChannelsLike = None, *, backend: str 
         >>> freq_encode(x, channels=[0, 1, 64]).shape
         torch.Size([2, 3, 112, 112])
     """
-    _check_planes("x", x, 3)
+    check_planes("x", x, 3)
     ch = normalize_channels(channels, x.shape[0], x.device)
     be = _backend.resolve("freq_encode", backend, x.device, ENCODE_BACKENDS)
     return _freq_encode_op(x, ch, be)
@@ -444,7 +415,7 @@ def freq_encode(x: torch.Tensor, channels: ChannelsLike = None, *, backend: str 
 def _check_decode_args(
     f: torch.Tensor, channels: ChannelsLike, perm: ChannelsLike
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    _check_planes("f", f)
+    check_planes("f", f)
     b, k = f.shape[:2]
     ch = normalize_channels(channels, b, f.device)
     if ch is None and k != NUM_CHANNELS:
@@ -452,14 +423,14 @@ def _check_decode_args(
     if ch is not None:
         if ch.shape[-1] != k:
             raise ValueError(f"channels selects {ch.shape[-1]} channels but f has {k}")
-        if not _compiling():
+        if not compiling():
             _check_unique_rows("channels", ch)
     pm = None
     if perm is not None:
-        pm = _as_index("perm", perm, f.device)
+        pm = as_index("perm", perm, f.device)
         if pm.shape[-1] != NUM_CHANNELS or pm.dim() not in (1, 2) or (pm.dim() == 2 and pm.shape[0] != b):
             raise ValueError(f"perm must be (192,) or (B={b}, 192), got {tuple(pm.shape)}")
-        if not _compiling():
+        if not compiling():
             ok = (pm.sort(dim=-1).values == torch.arange(NUM_CHANNELS, device=f.device)).all()
             if not bool(ok):
                 raise ValueError("perm must be a permutation of 0..191 in every row")
@@ -500,7 +471,7 @@ def freq_hflip(f: torch.Tensor, channels: ChannelsLike = None, *, backend: str =
     Returns:
         (B, K, H, W): ``(-1)^v * f[..., ::-1]``.
     """
-    _check_planes("f", f)
+    check_planes("f", f)
     ch = normalize_channels(channels, f.shape[0], f.device)
     if ch is None and f.shape[1] != NUM_CHANNELS:
         raise ValueError(f"f has {f.shape[1]} channels; pass `channels` or all 192")
@@ -508,3 +479,30 @@ def freq_hflip(f: torch.Tensor, channels: ChannelsLike = None, *, backend: str =
         raise ValueError(f"channels selects {ch.shape[-1]} channels but f has {f.shape[1]}")
     be = _backend.resolve("freq_hflip", backend, f.device, HFLIP_BACKENDS)
     return _freq_hflip_op(f, ch, be)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Self-checks for `python -m ppfr.info`: run each backend once on a tiny input against the reference.
+# ----------------------------------------------------------------------------------------------------------
+def _check_encode(backend: str, dev: torch.device) -> float:
+    x = torch.rand(1, 3, 8, 8, device=dev) * 2 - 1
+    ch = torch.tensor([0, 9, 100], device=dev)
+    return (freq_encode(x, ch, backend=backend) - freq_encode_ref(x, ch)).abs().max().item()
+
+
+def _check_decode(backend: str, dev: torch.device) -> float:
+    f = freq_encode_ref(torch.rand(1, 3, 8, 8, device=dev) * 2 - 1)
+    return (freq_decode(f, backend=backend) - freq_decode_ref(f)).abs().max().item()
+
+
+def _check_hflip(backend: str, dev: torch.device) -> float:
+    x = torch.rand(1, 3, 8, 8, device=dev) * 2 - 1
+    f = freq_encode_ref(x)
+    return (freq_hflip(f, backend=backend) - freq_encode_ref(x.flip(-1))).abs().max().item()
+
+
+SELF_CHECKS = {
+    "freq_encode": (ENCODE_BACKENDS, _check_encode),
+    "freq_decode": (DECODE_BACKENDS, _check_decode),
+    "freq_hflip": (HFLIP_BACKENDS, _check_hflip),
+}

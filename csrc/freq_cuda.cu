@@ -113,12 +113,4 @@ int freq_decode_cuda(const float* f, float* out, int64_t B, int64_t H, int64_t W
   return 0;
 }
 
-const char* cuda_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
-
-int cuda_device_count() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
-  return n;
-}
-
 }  // namespace ppfr
