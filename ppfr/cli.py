@@ -141,9 +141,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return info.main(["--json"] if args.json else [])
 
 
+# Verbs that live with their layer: each module has ``register(subparsers)`` adding its parser(s) with
+# ``set_defaults(func=...)``. Imported lazily by ``main`` so ``ppfr info`` never pays for them.
+VERB_MODULES: tuple[str, ...] = ()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import importlib
+
     ap = argparse.ArgumentParser(prog="ppfr", description="privacy-preserving face recognition toolkit")
     sub = ap.add_subparsers(dest="verb", required=True)
+    for mod in VERB_MODULES:
+        importlib.import_module(mod).register(sub)
     p = sub.add_parser("info", help="versions, devices and which backend of which op works here")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
