@@ -11,4 +11,13 @@ __version__ = "0.1.0"
 from ppfr._backend import BACKENDS, BackendUnavailableError
 from ppfr.ops.freq import freq_decode, freq_encode, freq_hflip
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "__version__", "freq_decode", "freq_encode", "freq_hflip"]
+
+def build_method(name: str, **options):
+    """Build a method plugin by name (lazy import keeps ``import ppfr`` light); see ppfr.methods."""
+    from ppfr.methods import build_method as _build
+
+    return _build(name, **options)
+
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "__version__", "build_method", "freq_decode", "freq_encode",
+           "freq_hflip"]  # fmt: skip

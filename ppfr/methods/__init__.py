@@ -1,0 +1,8 @@
+"""Method plugins: ``build_method(name, **options)``; see ppfr.methods.base for the protocol."""
+
+from ppfr.methods.base import (
+    Method, MethodOptions, Payload, Stage, TensorSpec, available_methods, build_method, register_method,
+)  # fmt: skip
+
+__all__ = ["Method", "MethodOptions", "Payload", "Stage", "TensorSpec", "available_methods", "build_method",
+           "register_method"]  # fmt: skip

@@ -1,0 +1,214 @@
+"""The Method protocol: what leaves the client (a typed Payload), what the server computes, how it trains.
+
+A method is an ``nn.Module`` plugin registered under a name with a frozen options dataclass:
+
+* ``protect(images, labels=None, generator=None) -> Payload`` -- the client side; exactly METHODS.md §8's
+  "what leaves the client".
+* ``recognize(payload) -> (B, D) embeddings`` -- the server side; it accepts only its own Payload (schema-checked),
+  never an image where a payload is expected.
+* ``stages()`` -- the training stages in order; each names the submodules it trains (everything else is frozen and
+  put in eval mode by ``set_stage``), and ``training_step(stage, images, labels, head)`` gives its loss.
+
+Adding a method is one file with one ``@register_method`` class; the trainer never asks which method it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Per-sample shape, dtype and value range of one payload tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    low: float | None = None
+    high: float | None = None
+
+
+@dataclass
+class Payload:
+    """What crosses the wire for one batch: named tensors with a leading batch axis, tagged with the method."""
+
+    method: str
+    tensors: dict[str, torch.Tensor]
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def nbytes_per_sample(self) -> int:
+        return sum(t[0].numel() * t.element_size() for t in self.tensors.values())
+
+    def to(self, device: torch.device | str) -> Payload:
+        return Payload(self.method, {k: v.to(device) for k, v in self.tensors.items()}, self.schema_version)
+
+    def validate(self, method: str, spec: dict[str, TensorSpec]) -> None:
+        """Raise ValueError naming what is wrong if this payload is not ``method``'s payload."""
+        if not isinstance(self, Payload):
+            raise TypeError(f"{method} expects a Payload, got {type(self).__name__}")
+        if self.method != method:
+            raise ValueError(f"payload is for method {self.method!r}, this server runs {method!r}")
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"payload schema version {self.schema_version} != {SCHEMA_VERSION}")
+        if set(self.tensors) != set(spec):
+            raise ValueError(f"{method} payload must hold {sorted(spec)}, got {sorted(self.tensors)}")
+        b = None
+        for name, s in spec.items():
+            t = self.tensors[name]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape[1:]) != s.shape or t.dtype != s.dtype:
+                got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{method} payload {name!r} must be (B, {s.shape}) {s.dtype}, got {got}")
+            if b is not None and t.shape[0] != b:
+                raise ValueError(f"{method} payload tensors disagree on the batch size")
+            b = t.shape[0]
+            if t.numel() and s.low is not None and float(t.detach().min()) < s.low - 1e-6:
+                raise ValueError(f"{method} payload {name!r} has values below {s.low}")
+            if t.numel() and s.high is not None and float(t.detach().max()) > s.high + 1e-6:
+                raise ValueError(f"{method} payload {name!r} has values above {s.high}")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A training stage: which submodules (attribute names) it trains; all others are frozen."""
+
+    name: str
+    trainable: tuple[str, ...]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Options shared by all methods. Subclasses add their own (frozen dataclasses; unknown keys are errors)."""
+
+    embedding_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.embedding_size < 1:
+            raise ValueError(f"embedding_size must be positive, got {self.embedding_size}")
+
+
+class Method(nn.Module):
+    """Base class of the method plugins (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    payload_spec: dict[str, TensorSpec]
+
+    def __init__(self, options: MethodOptions) -> None:
+        super().__init__()
+        self.options = options
+        self.stage: str | None = None
+
+    # ---- client / server -----------------------------------------------------------------------------
+    def protect(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> Payload:  # fmt: skip
+        raise NotImplementedError
+
+    def recognize(self, payload: Payload) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """recognize(protect(images)): the end-to-end embedding (B, D) used for evaluation."""
+        return self.recognize(self.protect(images, generator=generator))
+
+    def check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"{self.name}.protect expects RGB images (B, 3, H, W) in [-1, 1], got {shape}")
+        if not images.is_floating_point():
+            raise TypeError(f"{self.name}.protect expects floating images, got {images.dtype}")
+
+    def check_payload(self, payload: Payload) -> None:
+        if not isinstance(payload, Payload):
+            raise TypeError(f"{self.name}.recognize accepts only a {self.name} Payload, got {type(payload).__name__}")
+        payload.validate(self.name, self.payload_spec)
+
+    # ---- training ------------------------------------------------------------------------------------
+    def stages(self) -> tuple[Stage, ...]:
+        raise NotImplementedError
+
+    def set_stage(self, name: str) -> Stage:
+        """Freeze everything the stage does not train (requires_grad False, eval mode); return the stage."""
+        stage = {s.name: s for s in self.stages()}.get(name)
+        if stage is None:
+            raise ValueError(f"{self.name} has stages {[s.name for s in self.stages()]}, not {name!r}")
+        self.stage = name
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for attr in stage.trainable:
+            obj = getattr(self, attr)
+            params = obj.parameters() if isinstance(obj, nn.Module) else [obj]
+            for p in params:
+                p.requires_grad_(True)
+        self.train(self.training)
+        return stage
+
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        if self.stage is not None:  # frozen modules stay in eval mode (BN statistics, dropout)
+            trainable = set(next(s for s in self.stages() if s.name == self.stage).trainable)
+            for name, child in self.named_children():
+                if name not in trainable:
+                    child.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def training_step(self, stage: str, images: torch.Tensor, labels: torch.Tensor, head: nn.Module,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Default single-stage step: margin loss on recognize(protect(images))."""
+        emb = self.recognize(self.protect(images, labels=labels, generator=generator))
+        loss, logits = head(emb, labels)
+        return {"loss": loss, "cls_loss": loss.detach(), "logits": logits.detach()}
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"method name {cls.name!r} is empty or already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def make_options(cls: type[MethodOptions], values: dict[str, Any], where: str = "") -> MethodOptions:
+    """Build a frozen options dataclass from a dict; unknown or mistyped keys raise errors naming the key."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ValueError(f"unknown option {where}{key!r} for {cls.__name__}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def build_method(name: str, **options: Any) -> Method:
+    """``ppfr.build_method("partialface", depth=18)`` -> a ready method module (see available_methods())."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(_REGISTRY)}")
+    cls = _REGISTRY[name]
+    return cls(make_options(cls.Options, options))
+
+
+def _load_builtin() -> None:
+    import importlib
+
+    for mod in ("arcface", "duetface", "partialface", "minusface", "profacec"):
+        importlib.import_module(f"ppfr.methods.{mod}")
+

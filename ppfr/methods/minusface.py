@@ -1,0 +1,89 @@
+"""MinusFace (CVPR 2024, METHODS.md §5): generator-based feature subtraction, random channel shuffle, decoded image.
+
+x = e(X); r = x - g(x); the client sends X_p = d(shuffle_theta(r)) (B, 3, 112, 112) in [0, 1] with a fresh random
+192-permutation theta per image. Stage 1 trains g and a recogniser f on r with L = alpha L1(X, X') + beta ArcFace(f(r))
+where X' = 2 d(g(x)) - 1; stage 2 freezes g and trains a fresh recogniser f_p on X_p with ArcFace only.
+
+Choices (docs/methods.md): ``gen_width=64`` is the released code's full U-Net; smaller widths are the paper's
+"reduced scale" option. The optimiser split (generator lr multiplier, weight decay) is a training-config matter;
+the code's ``'Minusface'`` typo that disables it is not reproduced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ppfr.methods.base import Method, MethodOptions, Payload, Stage, TensorSpec, register_method
+from ppfr.models.ir import IRNet
+from ppfr.models.unet import UNet
+from ppfr.ops.freq import freq_decode, freq_encode
+
+
+@dataclass(frozen=True)
+class MinusFaceOptions(MethodOptions):
+    depth: int = 50
+    image_size: int = 112
+    gen_width: int = 64
+    alpha: float = 5.0
+    beta: float = 1.0
+
+
+@register_method
+class MinusFace(Method):
+    name = "minusface"
+    Options = MinusFaceOptions
+
+    def __init__(self, options: MinusFaceOptions) -> None:
+        super().__init__(options)
+        s = options.image_size
+        self.generator = UNet(192, 192, options.gen_width)
+        self.recognizer = IRNet(options.depth, 192, options.embedding_size, s)  # stage 1: f on r
+        self.recognizer_p = IRNet(options.depth, 3, options.embedding_size, s)  # stage 2: f_p on X_p
+        self.payload_spec = {"image": TensorSpec((3, s, s), torch.float32, 0.0, 1.0)}
+
+    def residue(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r = e(X) - g(e(X)), g(e(X))), both (B, 192, H, W)."""
+        x = freq_encode(images.float())
+        gx, _ = self.generator(x)
+        return x - gx, gx
+
+    @staticmethod
+    def shuffle_perms(batch: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+        """(B, 192) independent random permutations, all at once (argsort of uniform noise)."""
+        return torch.argsort(torch.rand(batch, 192, generator=generator), dim=1).to(device)
+
+    def protect(self, images, labels=None, generator=None) -> Payload:
+        """-> image X_p (B, 3, H, W) in [0, 1]: the decoded, channel-shuffled residue."""
+        self.check_images(images)
+        r, _ = self.residue(images)
+        perm = self.shuffle_perms(images.shape[0], images.device, generator)
+        return Payload(self.name, {"image": freq_decode(r, perm=perm)})
+
+    def recognize(self, payload: Payload) -> torch.Tensor:
+        self.check_payload(payload)
+        return self.recognizer_p(payload.tensors["image"])
+
+    def stages(self) -> tuple[Stage, ...]:
+        return (
+            Stage("stage1", ("generator", "recognizer"), "g and f jointly: alpha L1(X, X') + beta ArcFace(f(r))"),
+            Stage("stage2", ("recognizer_p",), "g frozen; fresh f_p on X_p with ArcFace"),
+        )
+
+    def training_step(self, stage, images, labels, head, generator=None):
+        if stage == "stage1":
+            r, gx = self.residue(images)
+            recon = 2 * freq_decode(gx) - 1
+            l1 = F.l1_loss(recon, images.float())
+            cls, logits = head(self.recognizer(r), labels)
+            loss = self.options.alpha * l1 + self.options.beta * cls
+            return {"loss": loss, "cls_loss": cls.detach(), "l1": l1.detach(), "logits": logits.detach()}
+        with torch.no_grad():
+            payload = self.protect(images, generator=generator)
+        return self.training_step_from_payload(payload, labels, head)
+
+    def training_step_from_payload(self, payload, labels, head):
+        loss, logits = head(self.recognize(payload), labels)
+        return {"loss": loss, "cls_loss": loss.detach(), "logits": logits.detach()}

@@ -1,0 +1,137 @@
+"""PRO-Face C (IEEE TIFS 2024, METHODS.md §6): hybrid-blurred image + client feature compensation into a frozen
+server recogniser.
+
+Client: R = X - blur(X); a MobileFaceNet on R gives 4 feature maps; trained interfaces (bilinear up-sample + 1x1
+conv) map them to the server's stage shapes (64@56, 128@28, 256@14, 512@7); the first map is block-channel
+shuffled with a key-derived permutation (and, optionally, pruned and quantized). What leaves the client: the
+blurred image and the 4 maps. Server: a frozen IR net (AdaFace-style) on the blurred image, with
+``h <- h + sigmoid(h) * A_i * K_i`` at the end of each stage (learned keys K_i, initialised to 1, shipped with the
+model). Loss: ArcFace(e_c) + MSE(e_c, e_t), e_t the uncompensated server embedding of the clean image.
+
+Choices (docs/methods.md): ``shuffle_block=2`` (the intended 28x28 grid of 2x2-pixel blocks; ``28`` reproduces the
+code's 2x2 grid); ``bits=None`` / ``keep_ratio=1.0`` reproduce the code (no quantization or pruning; 8 or 4 bits
+and a keep ratio < 1 turn them on, with a straight-through gradient in training); ``server_bgr=True`` feeds the
+AdaFace server BGR as it was trained (``False`` reproduces the reference's RGB); the target embedding is computed
+without gradient (the reference wastes a backward through it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ppfr.methods.base import Method, MethodOptions, Payload, Stage, TensorSpec, register_method
+from ppfr.models.ir import WIDTHS, IRNet
+from ppfr.models.mobilefacenet import ClientMobileFaceNet
+from ppfr.ops.block_shuffle import block_channel_shuffle, block_grid, block_perm_table, dequantize, prune, quantize
+from ppfr.ops.blur import hybrid_blur
+from ppfr.ops.feature_mask_fuse import feature_mask_fuse_residual
+
+
+@dataclass(frozen=True)
+class ProFaceCOptions(MethodOptions):
+    depth: int = 50  # AdaFace IR-50 (IR-101 in the reference; 100 here)
+    image_size: int = 112
+    server_ckpt: str | None = None  # a frozen recogniser: AdaFace .ckpt or a ppfr/TFace backbone state dict
+    server_bgr: bool = True
+    shuffle_block: int = 2
+    shuffle_key: int = 56
+    bits: int | None = None
+    keep_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.bits not in (None, 8, 4):
+            raise ValueError(f"bits must be None, 8 or 4, got {self.bits}")
+        if not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must lie in (0, 1], got {self.keep_ratio}")
+
+
+class _Interface(nn.Module):
+    def __init__(self, cin: int, cout: int, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.conv = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(a, size=(self.size, self.size), mode="bilinear", align_corners=False))
+
+
+def _fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """quantize -> dequantize with a straight-through gradient (training with the wire format in the loop)."""
+    wire, scales = quantize(x.detach(), bits)
+    deq = dequantize(wire, scales, bits, tuple(x.shape[2:])).to(x.dtype)
+    return x + (deq - x).detach()
+
+
+@register_method
+class ProFaceC(Method):
+    name = "profacec"
+    Options = ProFaceCOptions
+
+    def __init__(self, options: ProFaceCOptions) -> None:
+        super().__init__(options)
+        s = options.image_size
+        self.client = ClientMobileFaceNet(3, options.embedding_size)
+        sizes = [s // 2, s // 4, s // 8, s // 16]
+        self.shapes = [(c, sz) for c, sz in zip(WIDTHS, sizes)]
+        self.interfaces = nn.ModuleList(
+            _Interface(cin, cout, sz) for (cin, _), (cout, sz) in zip(ClientMobileFaceNet.TAP_SHAPES, self.shapes)
+        )
+        self.keys = nn.ParameterList(nn.Parameter(torch.ones(c, sz, sz)) for c, sz in self.shapes)
+        n_blocks = math.prod(block_grid(sizes[0], sizes[0], options.shuffle_block))
+        self.register_buffer("shuffle_perm", block_perm_table(options.shuffle_key, WIDTHS[0], n_blocks))
+        self.server = IRNet(options.depth, 3, options.embedding_size, s)
+        if options.server_ckpt:
+            from ppfr.models.checkpoints import load_backbone
+
+            load_backbone(self.server, options.server_ckpt)
+        self.server.requires_grad_(False).eval()
+        self.payload_spec = {
+            "image": TensorSpec((3, s, s), torch.float32, -1.0, 1.0),
+            **{f"aux{i}": TensorSpec((c, sz, sz)) for i, (c, sz) in enumerate(self.shapes)},
+        }
+
+    def blur(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return hybrid_blur(images.float(), generator=generator, train=self.training).image
+
+    def protect(self, images, labels=None, generator=None) -> Payload:
+        """-> image (blurred, B x 3 x 112 x 112 in [-1, 1]) and aux0..3 compensation maps (aux0 block-shuffled)."""
+        self.check_images(images)
+        blurred = self.blur(images, generator)
+        _, taps = self.client(images.float() - blurred)
+        aux = [iface(t) for iface, t in zip(self.interfaces, taps)]
+        o = self.options
+        aux[0] = block_channel_shuffle(aux[0], self.shuffle_perm, o.shuffle_block)
+        if o.keep_ratio < 1.0:
+            aux = [prune(a, o.keep_ratio) for a in aux]
+        if o.bits is not None:
+            aux = [_fake_quant(a, o.bits) for a in aux]
+        return Payload(self.name, {"image": blurred.clamp(-1, 1), **{f"aux{i}": a for i, a in enumerate(aux)}})
+
+    def _server_input(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flip(1) if self.options.server_bgr else images
+
+    def recognize(self, payload: Payload) -> torch.Tensor:
+        self.check_payload(payload)
+        t = payload.tensors
+
+        def inject(stage: int, h: torch.Tensor) -> torch.Tensor:
+            return feature_mask_fuse_residual(h, t[f"aux{stage}"], self.keys[stage])
+
+        return self.server(self._server_input(t["image"]), inject=inject)
+
+    def stages(self) -> tuple[Stage, ...]:
+        return (Stage("client", ("client", "interfaces", "keys"), "server frozen: ArcFace(e_c) + MSE(e_c, e_t)"),)
+
+    def training_step(self, stage, images, labels, head, generator=None):
+        e_c = self.recognize(self.protect(images, labels=labels, generator=generator))
+        with torch.no_grad():
+            e_t = self.server(self._server_input(images.float()))
+        cls, logits = head(e_c, labels)
+        mse = F.mse_loss(F.normalize(e_c), F.normalize(e_t))
+        return {"loss": cls + mse, "cls_loss": cls.detach(), "mse": mse.detach(), "logits": logits.detach()}
