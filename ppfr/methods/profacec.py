@@ -76,7 +76,7 @@ class ProFaceC(Method):
     def __init__(self, options: ProFaceCOptions) -> None:
         super().__init__(options)
         s = options.image_size
-        self.client = ClientMobileFaceNet(3, options.embedding_size)
+        self.client = ClientMobileFaceNet(3, options.embedding_size, with_embedding=False)
         sizes = [s // 2, s // 4, s // 8, s // 16]
         self.shapes = [(c, sz) for c, sz in zip(WIDTHS, sizes)]
         self.interfaces = nn.ModuleList(

@@ -38,7 +38,10 @@ def _strip(state: dict, prefix: str) -> dict:
 
 def _load_into(model: nn.Module, state: dict, path: str | Path) -> nn.Module:
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: {str(exc).splitlines()[1].strip()}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not fit {type(model).__name__}: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"

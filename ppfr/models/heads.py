@@ -98,10 +98,11 @@ class _DistCrossEntropy(torch.autograd.Function):
         local = labels - offset
         hit = (local >= 0) & (local < logits.shape[1])
         idx = local.clamp(0, logits.shape[1] - 1)[:, None]
-        tgt = torch.where(hit[:, None], prob.gather(1, idx), torch.zeros_like(mx))
+        # log-softmax form: the target probability underflows float32 for early-training margin logits (s = 64)
+        tgt = torch.where(hit[:, None], logits.gather(1, idx), torch.zeros_like(mx))
         dist.all_reduce(tgt)
         ctx.save_for_backward(prob, idx, hit)
-        return -tgt.clamp_min(1e-30).log().mean()
+        return (denom.log() + mx - tgt).mean()
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):

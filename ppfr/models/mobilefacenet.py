@@ -93,22 +93,23 @@ class ClientMobileFaceNet(nn.Module):
     TAPS = (1, 3, 5, 7)
     TAP_SHAPES = ((64, 28), (128, 14), (128, 7), (512, 7))
 
-    def __init__(self, in_channels: int = 30, embedding_size: int = 512) -> None:
+    def __init__(self, in_channels: int = 30, embedding_size: int = 512, with_embedding: bool = True) -> None:
         super().__init__()
         self.conv1 = ConvBlock(in_channels, 64, 3, 2, 1)
         for i, (_, mod) in enumerate(_body()):
             self.add_module(f"body_{i}", mod)
+        # PRO-Face C computes the client embedding but never uses it in a loss: with_embedding=False drops it.
         self.output_layer = nn.Sequential(
             nn.Conv2d(512, 512, 7, 1, 0, groups=512, bias=False), nn.BatchNorm2d(512), nn.Flatten(),
             nn.Linear(512, embedding_size), nn.BatchNorm1d(embedding_size),
-        )  # fmt: skip
+        ) if with_embedding else None  # fmt: skip
         _init(self)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         x = self.conv1(x)
         taps = []
         for i in range(8):
             x = getattr(self, f"body_{i}")(x)
             if i in self.TAPS:
                 taps.append(x)
-        return self.output_layer(x), taps
+        return (self.output_layer(x) if self.output_layer is not None else None), taps
