@@ -14,6 +14,7 @@ from ppfr.ops.freq import freq_encode
 @dataclass(frozen=True)
 class ArcFaceOptions(MethodOptions):
     depth: int = 50
+    width: int = 64  # IR base width (64 = standard; smaller for CPU-scale tiny models)
     image_size: int = 112
 
 
@@ -27,7 +28,7 @@ class ArcFace(Method):
     def __init__(self, options: ArcFaceOptions) -> None:
         super().__init__(options)
         s = options.image_size
-        self.server = IRNet(options.depth, 3, options.embedding_size, s)
+        self.server = IRNet(options.depth, 3, options.embedding_size, s, base_width=options.width)
         self.payload_spec = {"image": TensorSpec((3, s, s), torch.float32, -1.0, 1.0)}
 
     def protect(self, images, labels=None, generator=None) -> Payload:
@@ -52,7 +53,7 @@ class ArcFaceFD(Method):
     def __init__(self, options: ArcFaceOptions) -> None:
         super().__init__(options)
         s = options.image_size
-        self.server = IRNet(options.depth, 192, options.embedding_size, s)
+        self.server = IRNet(options.depth, 192, options.embedding_size, s, base_width=options.width)
         self.payload_spec = {"dct": TensorSpec((192, s, s), torch.float32)}
 
     def protect(self, images, labels=None, generator=None) -> Payload:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppfr.methods.base import Method, MethodOptions, Payload, Stage, TensorSpec, register_method
-from ppfr.models.ir import WIDTHS, IRNet
+from ppfr.models.ir import IRNet
 from ppfr.models.mobilefacenet import ClientMobileFaceNet
 from ppfr.models.pfld import PFLDInference
 from ppfr.ops.feature_mask_fuse import feature_mask_fuse
@@ -36,6 +36,7 @@ SERVER_CHANNELS = tuple(64 * c + k for c in range(3) for k in range(64) if k not
 @dataclass(frozen=True)
 class DuetFaceOptions(MethodOptions):
     depth: int = 50  # the reference maps any BACKBONE_NAME but IR_18 to IR-50
+    width: int = 64  # IR base width (64 = standard; smaller for CPU-scale tiny models)
     image_size: int = 112
     interface: str = "learned"  # learned | random_per_forward (reference behaviour)
     roi: str = "pfld"  # pfld | none
@@ -75,12 +76,12 @@ class DuetFace(Method):
         super().__init__(options)
         s = options.image_size
         self.client = ClientMobileFaceNet(len(CLIENT_CHANNELS), options.embedding_size)
-        self.server = IRNet(options.depth, len(SERVER_CHANNELS), options.embedding_size, s)
+        self.server = IRNet(options.depth, len(SERVER_CHANNELS), options.embedding_size, s, base_width=options.width)
         sizes = [s // 2, s // 4, s // 8, s // 16]  # server stage outputs: 56, 28, 14, 7
         rnd = options.interface == "random_per_forward"
         self.interfaces = nn.ModuleList(
             Interface(c_client, c_server, size, rnd)
-            for (c_client, _), c_server, size in zip(ClientMobileFaceNet.TAP_SHAPES, WIDTHS, sizes)
+            for (c_client, _), c_server, size in zip(ClientMobileFaceNet.TAP_SHAPES, self.server.widths, sizes)
         )
         self.mask_weights = nn.Parameter(torch.zeros(4))  # w per interactive block, initialised to 0
         self.landmarks = PFLDInference() if options.roi == "pfld" else None

@@ -25,6 +25,7 @@ from ppfr.ops.freq import freq_decode, freq_encode
 @dataclass(frozen=True)
 class MinusFaceOptions(MethodOptions):
     depth: int = 50
+    width: int = 64  # IR base width (64 = standard; smaller for CPU-scale tiny models)
     image_size: int = 112
     gen_width: int = 64
     alpha: float = 5.0
@@ -40,8 +41,8 @@ class MinusFace(Method):
         super().__init__(options)
         s = options.image_size
         self.generator = UNet(192, 192, options.gen_width)
-        self.recognizer = IRNet(options.depth, 192, options.embedding_size, s)  # stage 1: f on r
-        self.recognizer_p = IRNet(options.depth, 3, options.embedding_size, s)  # stage 2: f_p on X_p
+        self.recognizer = IRNet(options.depth, 192, options.embedding_size, s, base_width=options.width)  # stage 1: f on r
+        self.recognizer_p = IRNet(options.depth, 3, options.embedding_size, s, base_width=options.width)  # stage 2: f_p on X_p
         self.payload_spec = {"image": TensorSpec((3, s, s), torch.float32, 0.0, 1.0)}
 
     def residue(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

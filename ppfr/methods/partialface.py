@@ -22,6 +22,7 @@ from ppfr.ops.sample_ranks import RankSpace, sample_ranks
 @dataclass(frozen=True)
 class PartialFaceOptions(MethodOptions):
     depth: int = 50
+    width: int = 64  # IR base width (64 = standard; smaller for CPU-scale tiny models)
     image_size: int = 112
     rank_space: str = "code"  # code | paper | keyed
     s: int = 9
@@ -53,7 +54,7 @@ class PartialFace(Method):
             self.space = RankSpace.generate(options.s, options.m, options.n, options.key)
         k = 3 * self.space.s
         sz = options.image_size
-        self.server = IRNet(options.depth, k, options.embedding_size, sz)
+        self.server = IRNet(options.depth, k, options.embedding_size, sz, base_width=options.width)
         self.payload_spec = {"dct": TensorSpec((k, sz, sz), torch.float32)}
 
     def sample(self, images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator | None):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppfr.methods.base import Method, MethodOptions, Payload, Stage, TensorSpec, register_method
-from ppfr.models.ir import WIDTHS, IRNet
+from ppfr.models.ir import IRNet
 from ppfr.models.mobilefacenet import ClientMobileFaceNet
 from ppfr.ops.block_shuffle import block_channel_shuffle, block_grid, block_perm_table, dequantize, prune, quantize
 from ppfr.ops.blur import hybrid_blur
@@ -35,6 +35,7 @@ from ppfr.ops.feature_mask_fuse import feature_mask_fuse_residual
 @dataclass(frozen=True)
 class ProFaceCOptions(MethodOptions):
     depth: int = 50  # AdaFace IR-50 (IR-101 in the reference; 100 here)
+    width: int = 64  # IR base width (64 = standard; smaller for CPU-scale tiny models)
     image_size: int = 112
     server_ckpt: str | None = None  # a frozen recogniser: AdaFace .ckpt or a ppfr/TFace backbone state dict
     server_bgr: bool = True
@@ -77,15 +78,15 @@ class ProFaceC(Method):
         super().__init__(options)
         s = options.image_size
         self.client = ClientMobileFaceNet(3, options.embedding_size, with_embedding=False)
+        self.server = IRNet(options.depth, 3, options.embedding_size, s, base_width=options.width)
         sizes = [s // 2, s // 4, s // 8, s // 16]
-        self.shapes = [(c, sz) for c, sz in zip(WIDTHS, sizes)]
+        self.shapes = [(c, sz) for c, sz in zip(self.server.widths, sizes)]
         self.interfaces = nn.ModuleList(
             _Interface(cin, cout, sz) for (cin, _), (cout, sz) in zip(ClientMobileFaceNet.TAP_SHAPES, self.shapes)
         )
         self.keys = nn.ParameterList(nn.Parameter(torch.ones(c, sz, sz)) for c, sz in self.shapes)
         n_blocks = math.prod(block_grid(sizes[0], sizes[0], options.shuffle_block))
-        self.register_buffer("shuffle_perm", block_perm_table(options.shuffle_key, WIDTHS[0], n_blocks))
-        self.server = IRNet(options.depth, 3, options.embedding_size, s)
+        self.register_buffer("shuffle_perm", block_perm_table(options.shuffle_key, self.server.widths[0], n_blocks))
         if options.server_ckpt:
             from ppfr.models.checkpoints import load_backbone
 

@@ -52,25 +52,31 @@ class IRNet(nn.Module):
     """
 
     def __init__(self, depth: int = 50, in_channels: int = 3, embedding_size: int = 512, input_size: int = 112,
-                 dropout: float = 0.4) -> None:  # fmt: skip
+                 dropout: float = 0.4, base_width: int = 64) -> None:  # fmt: skip
         super().__init__()
         if depth not in UNITS:
             raise ValueError(f"IR depth must be one of {sorted(UNITS)}, got {depth}")
         if input_size % 16:
             raise ValueError(f"input_size must be a multiple of 16, got {input_size}")
+        if base_width < 1:
+            raise ValueError(f"base_width must be positive, got {base_width}")
         self.depth, self.in_channels = depth, in_channels
-        self.input_layer = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))
-        units, in_ch = [], 64
+        # base_width 64 is the standard net; smaller widths make the CPU-scale "tiny" models of configs/*_tiny.yaml
+        self.widths = tuple(base_width * k for k in (1, 2, 4, 8))
+        w0 = self.widths[0]
+        self.input_layer = nn.Sequential(nn.Conv2d(in_channels, w0, 3, 1, 1, bias=False), nn.BatchNorm2d(w0), nn.PReLU(w0))
+        units, in_ch = [], w0
         self.stage_ends: list[int] = []
-        for n, width in zip(UNITS[depth], WIDTHS):
+        for n, width in zip(UNITS[depth], self.widths):
             for i in range(n):
                 units.append(BasicBlockIR(in_ch, width, 2 if i == 0 else 1))
                 in_ch = width
             self.stage_ends.append(len(units) - 1)
         self.body = nn.Sequential(*units)
         side = input_size // 16
+        wl = self.widths[-1]
         self.output_layer = nn.Sequential(
-            nn.BatchNorm2d(512), nn.Dropout(dropout), nn.Flatten(), nn.Linear(512 * side * side, embedding_size),
+            nn.BatchNorm2d(wl), nn.Dropout(dropout), nn.Flatten(), nn.Linear(wl * side * side, embedding_size),
             nn.BatchNorm1d(embedding_size, affine=False),
         )  # fmt: skip
         self.reset_parameters()

@@ -1,0 +1,1 @@
+"""Evaluation: verification protocols (and, later, privacy attacks)."""

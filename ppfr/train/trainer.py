@@ -1,0 +1,327 @@
+"""One Trainer for every method: stages, SGD with parameter groups, step schedule with warm-up, NaN guard, gradient
+clipping, CSV/TensorBoard logs, atomic checkpoints with exact resume, and data-parallel training.
+
+The trainer never asks which method it runs: it asks the method for its stages (``set_stage`` freezes what a stage
+does not train) and calls ``training_step``. Randomness is explicit: the method's per-step draws (PartialFace ranks,
+MinusFace permutations, PRO-Face C blurs) come from a generator seeded by (seed, stage, epoch, step, rank), and the
+global RNG (dropout) is re-seeded from the same value every step; the data order is a function of (seed, epoch). So a
+run killed mid-epoch and resumed ends with exactly the parameters of an uninterrupted run.
+
+Distributed: under ``torchrun`` (WORLD_SIZE > 1) each process trains on its shard (gloo on CPU, NCCL on GPU); the
+margin head is class-sharded with a distributed cross-entropy over the global batch, so backbone gradients are
+partial sums that one all-reduce completes.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from ppfr.methods import Method, build_method
+from ppfr.models.checkpoints import CheckpointError, safe_load
+from ppfr.models.heads import ArcFaceHead, CosFaceHead, ShardedMarginHead
+from ppfr.train.config import StageConfig, TrainConfig
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the message says where and what to try."""
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves a half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+
+
+def load_latest(run_dir: Path) -> tuple[dict, Path] | None:
+    """Newest readable checkpoint; a corrupt newer one is reported and skipped (the previous one is used)."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            ckpt = safe_load(path)
+            if "model" not in ckpt or "global_step" not in ckpt:
+                raise CheckpointError(f"{path} is not a ppfr training checkpoint")
+            return ckpt, path
+        except CheckpointError as exc:
+            warnings.warn(f"skipping unusable checkpoint: {exc}", stacklevel=2)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ optimiser
+def _no_decay(name: str, p: nn.Parameter) -> bool:
+    # norms and biases (1-D) get no weight decay; also anything named bn (TFace's rule, §1.5)
+    return p.ndim <= 1 or ".bn" in name or name.startswith("bn")
+
+
+def build_optimizer(method: Method, head: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    o = cfg.optim
+    groups: dict[str, dict] = {}
+    for name, p in method.named_parameters():
+        if not p.requires_grad:
+            continue
+        gen = name.startswith("generator.")
+        key = ("gen_" if gen else "") + ("nodecay" if _no_decay(name, p) else "decay")
+        g = groups.setdefault(key, {"params": [], "weight_decay": 0.0 if key.endswith("nodecay") else o.weight_decay,
+                                    "lr_mult": o.generator_lr_mult if gen else 1.0, "name": key})  # fmt: skip
+        g["params"].append(p)
+    head_wd = o.weight_decay if o.head_weight_decay is None else o.head_weight_decay
+    groups["head"] = {"params": list(head.parameters()), "weight_decay": head_wd, "lr_mult": 1.0, "name": "head"}
+    return torch.optim.SGD(list(groups.values()), lr=o.lr, momentum=o.momentum)
+
+
+def lr_at(cfg: TrainConfig, epoch: int, global_step: int) -> float:
+    o = cfg.optim
+    lr = o.lr * o.lr_decay ** sum(epoch >= s for s in o.lr_steps)
+    if o.warmup_steps > 0 and global_step < o.warmup_steps:
+        lr *= (global_step + 1) / o.warmup_steps
+    return lr
+
+
+def build_head(cfg: TrainConfig, num_classes: int, embedding_size: int) -> nn.Module:
+    cls = ArcFaceHead if cfg.head.type == "arcface" else CosFaceHead
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return ShardedMarginHead(cls, embedding_size, num_classes, cfg.head.s, cfg.head.m)
+    return cls(embedding_size, num_classes, cfg.head.s, cfg.head.m)
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, quiet: bool = False) -> None:
+        self.cfg = cfg
+        self.quiet = quiet
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+            dist.init_process_group(backend)
+        self.device = torch.device("cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.run_dir = cfg.run_dir
+        self.is_main = self.rank == 0
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.is_main and not self.quiet:
+            print(msg, flush=True)
+
+    def stage_plan(self, method: Method) -> list[StageConfig]:
+        if self.cfg.stages:
+            known = {s.name for s in method.stages()}
+            for s in self.cfg.stages:
+                if s.name not in known:
+                    raise ValueError(f"stages: {self.cfg.method} has no stage {s.name!r} (has {sorted(known)})")
+            return list(self.cfg.stages)
+        return [StageConfig(s.name, self.cfg.epochs) for s in method.stages()]
+
+    def step_seed(self, stage_idx: int, epoch: int, step: int) -> int:
+        return (((self.cfg.seed * 1009 + stage_idx) * 100_003 + epoch) * 1_000_003 + step * 131 + self.rank) % (2**63)
+
+    def make_loader(self):
+        from ppfr.data.loader import make_loader
+
+        data = self.cfg.data
+        if self.world > 1:
+            data = replace(data, world_size=self.world, rank=self.rank)
+        return make_loader(data)
+
+    def _all_reduce_grads(self, method: Method) -> None:
+        if self.world <= 1:
+            return
+        # The loss is the global-batch mean computed identically on every rank (sharded CE), so each rank's
+        # backbone gradient is a partial sum over its own samples: sum them.
+        for p in method.parameters():
+            if p.requires_grad and p.grad is not None:
+                dist.all_reduce(p.grad)
+
+    # -- main loop ---------------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        method = build_method(cfg.method, **cfg.method_options).to(self.device)
+        loader = self.make_loader()
+        num_classes = loader.num_classes
+        stages = self.stage_plan(method)
+        state = {"stage_idx": 0, "epoch": 0, "step_in_epoch": 0, "global_step": 0}
+        ckpt = None
+        if resume:
+            found = load_latest(self.run_dir)
+            if found is None:
+                self.log(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting from scratch")
+            else:
+                ckpt, path = found
+                state = {k: int(ckpt[k]) for k in state}
+                method.load_state_dict(ckpt["model"])
+                self.log(f"resuming from {path} (stage {state['stage_idx']}, epoch {state['epoch']}, step {state['step_in_epoch']})")
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        summary: dict = {"stages": []}
+        if cfg.eval.pairs and cfg.eval.before and ckpt is None and self.is_main:
+            summary["before"] = self.evaluate(method)
+            self.log(f"verification before training: {summary['before']}")
+        metrics_path = self.run_dir / "metrics.csv"
+        for stage_idx, stage_cfg in enumerate(stages):
+            if stage_idx < state["stage_idx"]:
+                continue
+            summary["stages"].append(self._fit_stage(method, loader, num_classes, stage_idx, stage_cfg, state, ckpt, metrics_path))
+            ckpt = None
+            state.update(stage_idx=stage_idx + 1, epoch=0, step_in_epoch=0)
+        if self.is_main:
+            save_atomic({"model": method.state_dict(), "method": cfg.method, "method_options": dict(cfg.method_options),
+                         "config": yaml.safe_dump(cfg.to_dict())}, self.run_dir / "model.pt")  # fmt: skip
+            self.log(f"wrote {self.run_dir / 'model.pt'}")
+            if cfg.eval.pairs:
+                summary["after"] = self.evaluate(method)
+                self.log(f"verification after training: {summary['after']}")
+        summary["skipped_samples"] = getattr(loader, "skipped", 0)
+        self.method = method
+        return summary
+
+    def _fit_stage(self, method, loader, num_classes, stage_idx, stage_cfg, state, ckpt, metrics_path) -> dict:
+        cfg = self.cfg
+        stage = method.set_stage(stage_cfg.name)
+        method.train()
+        torch.manual_seed(cfg.seed + 7919 * stage_idx)  # fresh head init per stage, reproducible
+        head = build_head(cfg, num_classes, method.options.embedding_size).to(self.device)
+        opt = build_optimizer(method, head, cfg)
+        if ckpt is not None:
+            head.load_state_dict(ckpt["head"])
+            opt.load_state_dict(ckpt["optim"])
+        steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+        self.log(f"stage {stage_idx} '{stage.name}' ({stage.description}): {stage_cfg.epochs} epoch(s) x {steps} steps, "
+                 f"{sum(p.numel() for p in method.trainable_parameters()) / 1e6:.2f} M trainable parameters")  # fmt: skip
+        first = last = None
+        t_start = time.perf_counter()
+        seen = 0
+        new_file = not metrics_path.exists()
+        with open(metrics_path, "a", newline="") if self.is_main else open(os.devnull, "w") as fcsv:
+            writer = csv.writer(fcsv)
+            if new_file:
+                writer.writerow(["stage", "epoch", "step", "global_step", "lr", "loss", "images_per_s"])
+            for epoch in range(state["epoch"], stage_cfg.epochs):
+                loader.inner.epoch = epoch  # the data order is a pure function of (seed, epoch)
+                skip = state["step_in_epoch"] if epoch == state["epoch"] else 0
+                t0 = time.perf_counter()
+                for step, (images, labels) in enumerate(loader):
+                    if step >= steps:
+                        break
+                    if step < skip:
+                        continue
+                    lr = lr_at(cfg, epoch, state["global_step"])
+                    for g in opt.param_groups:
+                        g["lr"] = lr * g["lr_mult"]
+                    images, labels = images.to(self.device), labels.to(self.device)
+                    # Every random draw of a step is a function of (seed, stage, epoch, step, rank): the method's
+                    # own draws through `generator`, dropout through the global RNG (re-seeded here, because the data
+                    # loader's iterator also draws from it, at a point that differs after a resume).
+                    seed = self.step_seed(stage_idx, epoch, step)
+                    torch.manual_seed(seed)
+                    out = method.training_step(stage.name, images, labels, head,
+                                               generator=torch.Generator().manual_seed(seed))  # fmt: skip
+                    loss = out["loss"]
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"loss is {loss.item()} at stage {stage.name!r}, epoch {epoch}, step {step}; "
+                            "lower optim.lr, set optim.grad_clip, or check the data"
+                        )
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self._all_reduce_grads(method)
+                    if cfg.optim.grad_clip:
+                        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.optim.grad_clip)
+                    opt.step()
+                    state["global_step"] += 1
+                    state["step_in_epoch"] = step + 1
+                    seen += images.shape[0] * self.world
+                    v = loss.item()
+                    first = v if first is None else first
+                    last = v
+                    if state["global_step"] % cfg.log_every == 0 or step == steps - 1:
+                        ips = seen / (time.perf_counter() - t_start)
+                        writer.writerow([stage.name, epoch, step, state["global_step"], f"{lr:.6g}", f"{v:.6f}", f"{ips:.1f}"])
+                        fcsv.flush()
+                        self.log(f"[{stage.name}] epoch {epoch} step {step + 1}/{steps} lr {lr:.4g} loss {v:.4f} {ips:.1f} img/s")
+                    if state["global_step"] % cfg.checkpoint_every == 0:
+                        self.checkpoint(method, head, opt, state, stage_idx, epoch)
+                state["step_in_epoch"] = 0
+                state["epoch"] = epoch + 1
+                self.log(f"[{stage.name}] epoch {epoch} done in {time.perf_counter() - t0:.1f} s")
+            self.checkpoint(method, head, opt, state, stage_idx, state["epoch"])
+        ips = seen / max(time.perf_counter() - t_start, 1e-9)
+        self.head = head
+        return {"stage": stage.name, "loss_first": first, "loss_last": last, "images_per_s": ips}
+
+    def checkpoint(self, method, head, opt, state, stage_idx, epoch) -> None:
+        if not self.is_main:
+            return
+        ck = {"model": method.state_dict(), "head": head.state_dict(), "optim": opt.state_dict(),
+              "stage_idx": stage_idx, "epoch": epoch,
+              "step_in_epoch": state["step_in_epoch"], "global_step": state["global_step"]}  # fmt: skip
+        path = self.run_dir / "checkpoints" / f"step_{state['global_step']:08d}.pt"
+        save_atomic(ck, path)
+        for old in list_checkpoints(self.run_dir)[: -self.cfg.keep_last]:
+            old.unlink(missing_ok=True)
+
+    def evaluate(self, method: Method):
+        from ppfr.eval.verification import evaluate_pairs
+
+        e = self.cfg.eval
+        was = method.training
+        method.eval()
+        try:
+            return evaluate_pairs(lambda x: method.embed(x.to(self.device), generator=torch.Generator().manual_seed(0)),
+                                  e.pairs, batch_size=e.batch_size, image_root=e.image_root, max_pairs=e.max_pairs)  # fmt: skip
+        finally:
+            method.train(was)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from ppfr.train.config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(prog="ppfr train", description="train a method from a YAML config")
+    ap.add_argument("config", nargs="?", help="YAML config (configs/*.yaml); omitted: the defaults")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. optim.lr=0.01")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"ppfr train: {exc}", file=sys.stderr)
+        return 2
+    summary = Trainer(cfg).fit(resume=args.resume)
+    for s in summary["stages"]:
+        print(f"stage {s['stage']}: loss {s['loss_first']:.4f} -> {s['loss_last']:.4f}, {s['images_per_s']:.1f} img/s")
+    if "before" in summary or "after" in summary:
+        print(f"verification: before {summary.get('before')}, after {summary.get('after')}")
+    return 0
+
+
+def register(sub) -> None:
+    import argparse
+
+    p = sub.add_parser("train", help="train a method from a YAML config (see configs/)", add_help=False)
+    p.add_argument("train_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: main(a.train_args))

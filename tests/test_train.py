@@ -1,0 +1,123 @@
+"""Tests of the trainer (ppfr/train): configs, stages, checkpoints, exact resume, the divergence guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ppfr.train.config import ConfigError, load_config
+from ppfr.train.trainer import Trainer, TrainingDiverged, list_checkpoints, load_latest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(tmp_path, *extra: str, method: str = "arcface"):
+    return load_config(None, [
+        f"name=t_{method}", f"out_dir={tmp_path}", f"method={method}", "method_options={depth: 18, width: 4}",
+        "data.source=synthetic", "data.backend=torch", "data.num_samples=32", "data.num_classes=5",
+        "data.batch_size=4", "data.num_workers=0", "epochs=1", "checkpoint_every=2", "log_every=100",
+        "optim.lr=0.05", "optim.warmup_steps=3", "seed=3", *extra,
+    ])  # fmt: skip
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="'optim.lrr'"):
+        load_config(None, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match="data.batch_size must be an integer"):
+        load_config(None, ["data.batch_size=many"])
+    with pytest.raises(ConfigError, match="head.type"):
+        load_config(None, ["head.type=softmax"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["optim.lr"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: arcface\nepochs: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="no stage 'warmup'"):
+        Trainer(_cfg(tmp_path, "stages=[{name: warmup, epochs: 1}]")).fit()
+
+
+def test_every_shipped_config_validates():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        if "base" not in path.name:
+            cfg = load_config(path)
+            assert cfg.name == path.stem and cfg.method in path.stem
+
+
+def _params(model_path: Path) -> dict:
+    return torch.load(model_path, weights_only=True)["model"]
+
+
+def test_killed_run_resumes_to_identical_parameters(tmp_path, monkeypatch):
+    full = _cfg(tmp_path / "a", method="partialface")
+    Trainer(full, quiet=True).fit()
+    want = _params(full.run_dir / "model.pt")
+
+    killed = _cfg(tmp_path / "b", method="partialface")
+    real_checkpoint = Trainer.checkpoint
+    calls = {"n": 0}
+
+    def dying_checkpoint(self, *args, **kwargs):
+        real_checkpoint(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:  # killed mid-epoch, right after the step-4 checkpoint
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "checkpoint", dying_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(killed, quiet=True).fit()
+    monkeypatch.setattr(Trainer, "checkpoint", real_checkpoint)
+    assert not (killed.run_dir / "model.pt").exists()
+    assert [p.name for p in list_checkpoints(killed.run_dir)] == ["step_00000002.pt", "step_00000004.pt"]
+    Trainer(killed, quiet=True).fit(resume=True)
+    got = _params(killed.run_dir / "model.pt")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_multi_stage_method_runs_all_stages(tmp_path):
+    cfg = _cfg(tmp_path, "stages=[{name: stage1, epochs: 1}, {name: stage2, epochs: 1}]",
+               "method_options={depth: 18, width: 4, gen_width: 4}", method="minusface")  # fmt: skip
+    summary = Trainer(cfg, quiet=True).fit()
+    assert [s["stage"] for s in summary["stages"]] == ["stage1", "stage2"]
+    assert all(s["loss_last"] is not None for s in summary["stages"])
+    assert (cfg.run_dir / "metrics.csv").read_text().count("stage2") >= 1
+
+
+def test_corrupt_checkpoint_is_reported_and_previous_used(tmp_path):
+    cfg = _cfg(tmp_path)
+    Trainer(cfg, quiet=True).fit()
+    ckpts = list_checkpoints(cfg.run_dir)
+    assert len(ckpts) == cfg.keep_last  # older ones pruned
+    ckpts[-1].write_bytes(b"\x00garbage" * 10)
+    with pytest.warns(UserWarning, match="skipping unusable checkpoint"):
+        ckpt, path = load_latest(cfg.run_dir)
+    assert path == ckpts[-2] and "model" in ckpt
+
+
+def test_divergence_guard(tmp_path, monkeypatch):
+    from ppfr.methods.arcface import ArcFace
+
+    def nan_step(self, stage, images, labels, head, generator=None):
+        return {"loss": torch.tensor(float("nan"), requires_grad=True)}
+
+    monkeypatch.setattr(ArcFace, "training_step", nan_step)
+    with pytest.raises(TrainingDiverged, match="lower optim.lr"):
+        Trainer(_cfg(tmp_path), quiet=True).fit()
+
+
+def test_generator_gets_its_own_lr_group(tmp_path):
+    from ppfr.methods import build_method
+    from ppfr.models.heads import ArcFaceHead
+    from ppfr.train.trainer import build_optimizer
+
+    cfg = _cfg(tmp_path, "optim.generator_lr_mult=0.5")
+    m = build_method("minusface", depth=18, width=4, gen_width=4)
+    m.set_stage("stage1")
+    opt = build_optimizer(m, ArcFaceHead(512, 5), cfg)
+    mults = {g["name"]: g["lr_mult"] for g in opt.param_groups}
+    assert mults["gen_decay"] == 0.5 and mults["decay"] == 1.0
+    assert all(g["weight_decay"] == 0 for g in opt.param_groups if g["name"].endswith("nodecay"))
