@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -94,7 +94,7 @@ if _build_cuda():
     ext_modules.append(CMakeExtension("ppfr._C_cuda"))
 
 setup(
-    packages=["ppfr", "ppfr.ops", "ppfr.kernels", "ppfr.pipelines"],
+    packages=["ppfr", *(f"ppfr.{p}" for p in find_packages("ppfr")), "ppfr.kernels", "ppfr.pipelines"],
     package_dir={"ppfr": "ppfr", "ppfr.kernels": "kernels", "ppfr.pipelines": "pipelines"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},

@@ -143,7 +143,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # Verbs that live with their layer: each module has ``register(subparsers)`` adding its parser(s) with
 # ``set_defaults(func=...)``. Imported lazily by ``main`` so ``ppfr info`` never pays for them.
-VERB_MODULES: tuple[str, ...] = ()
+VERB_MODULES: tuple[str, ...] = ("ppfr.data.cli", "ppfr.train.trainer")
 
 
 def main(argv: list[str] | None = None) -> int:
