@@ -13,4 +13,4 @@ import pkgutil
 
 def kernel_modules() -> list[str]:
     """Fully qualified names of the Triton kernel modules (every module here but the tools)."""
-    return [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__) if m.name not in ("aot",)]
+    return [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__) if m.name != "aot" and not m.name.startswith("_")]

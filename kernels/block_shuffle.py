@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from ppfr.kernels._common import chunk as _chunk
+from ppfr.kernels._common import tile as _tile
+from ppfr.kernels._common import tile_offsets
 
 
 @triton.jit
@@ -26,10 +26,8 @@ def _block_shuffle_fwd_kernel(
 ):  # fmt: skip
     plane = tl.program_id(0).to(tl.int64)  # b * C + j
     pid_t = tl.program_id(1)
-    n_tw = tl.cdiv(W, BLOCK_W)
-    offs_h = (pid_t // n_tw) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_w = (pid_t % n_tw) * BLOCK_W + tl.arange(0, BLOCK_W)
-    m = (offs_h < H)[:, None] & (offs_w < W)[None, :]
+    offs_h, offs_w, mh, mw = tile_offsets(pid_t, H, W, BLOCK_H, BLOCK_W)
+    m = mh[:, None] & mw[None, :]
     b = plane // C
     j = plane % C
     bid = (offs_h // BH)[:, None] * NBW + (offs_w // BW)[None, :]
@@ -85,12 +83,6 @@ def _dequantize_fwd_kernel(wire_ptr, scale_ptr, out_ptr, N, NBYTES, BITS: tl.con
     tl.store(out_ptr + plane * N + offs, code.to(tl.float32) * s, mask=m)
 
 
-def _tile(h: int, w: int) -> tuple[int, int]:
-    if _INTERPRET:
-        return triton.next_power_of_2(h), triton.next_power_of_2(w)
-    return 16, 64
-
-
 def block_shuffle_triton(x, out, perm, bh: int, bw: int) -> None:
     """x, out (B,C,H,W) fp32 contiguous; perm (n_blocks, C) int64 (gather table)."""
     b, c, h, w = x.shape
@@ -99,10 +91,6 @@ def block_shuffle_triton(x, out, perm, bh: int, bw: int) -> None:
     grid = (b * c, triton.cdiv(h, th) * triton.cdiv(w, tw))
     with torch.device(x.device):
         _block_shuffle_fwd_kernel[grid](x, out, perm, c, h, w, bh, bw, nbw, BLOCK_H=th, BLOCK_W=tw)
-
-
-def _chunk(n: int) -> int:
-    return triton.next_power_of_2(n) if _INTERPRET else 1024
 
 
 def quantize_triton(x, wire, inv_scales, bits: int) -> None:

@@ -9,17 +9,15 @@ key gradient reduces over the batch inside each program (no atomics).
 
 from __future__ import annotations
 
-import os
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from ppfr.kernels import _common
 
-
-def _chunk(n: int) -> int:
-    return min(triton.next_power_of_2(max(n, 16)), 4096) if _INTERPRET else 256
+_chunk = functools.partial(_common.chunk, gpu=256, cap=4096)
 
 
 @triton.jit

@@ -16,21 +16,13 @@ The (B*K) plane index runs on grid axis 0 (limit 2^31-1), tiles on axis 1 (limit
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# Tile shapes. The interpreter costs ~5-9 ms per program instance whatever the tile (PLATFORM.md §1), so it
-# gets one big tile per plane; on a GPU 16x64 tiles keep registers low (a 128x128 fp32 tile blew ptxas up).
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _tile(h: int, w: int) -> tuple[int, int]:
-    if _INTERPRET:
-        return triton.next_power_of_2(h), triton.next_power_of_2(w)
-    return 16, 64
+from ppfr.kernels._common import grid2d as _grid
+from ppfr.kernels._common import tile as _tile
+from ppfr.kernels._common import tile_offsets
 
 
 @triton.jit
@@ -41,11 +33,7 @@ def _freq_encode_fwd_kernel(
 ):  # fmt: skip
     bk = tl.program_id(0).to(tl.int64)
     pid_t = tl.program_id(1)
-    n_tw = tl.cdiv(W, BLOCK_W)
-    offs_i = (pid_t // n_tw) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_j = (pid_t % n_tw) * BLOCK_W + tl.arange(0, BLOCK_W)
-    mi = offs_i < H
-    mj = offs_j < W
+    offs_i, offs_j, mi, mj = tile_offsets(pid_t, H, W, BLOCK_H, BLOCK_W)
     m = mi[:, None] & mj[None, :]
 
     b = bk // K
@@ -86,11 +74,7 @@ def _freq_decode_fwd_kernel(
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     pid_t = tl.program_id(1)
-    n_tw = tl.cdiv(W, BLOCK_W)
-    offs_i = (pid_t // n_tw) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_j = (pid_t % n_tw) * BLOCK_W + tl.arange(0, BLOCK_W)
-    mi = offs_i < H
-    mj = offs_j < W
+    offs_i, offs_j, mi, mj = tile_offsets(pid_t, H, W, BLOCK_H, BLOCK_W)
     m = mi[:, None] & mj[None, :]
     hw = H * W
 
@@ -138,18 +122,12 @@ def _freq_decode_fwd_kernel(
 def _freq_hflip_fwd_kernel(f_ptr, out_ptr, sign_ptr, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     pk = tl.program_id(0).to(tl.int64)
     pid_t = tl.program_id(1)
-    n_tw = tl.cdiv(W, BLOCK_W)
-    offs_i = (pid_t // n_tw) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_j = (pid_t % n_tw) * BLOCK_W + tl.arange(0, BLOCK_W)
-    m = (offs_i < H)[:, None] & (offs_j < W)[None, :]
+    offs_i, offs_j, mi, mj = tile_offsets(pid_t, H, W, BLOCK_H, BLOCK_W)
+    m = mi[:, None] & mj[None, :]
     s = tl.load(sign_ptr + pk)
     base = pk * H * W + offs_i[:, None] * W
     val = tl.load(f_ptr + base + (W - 1 - offs_j)[None, :], mask=m, other=0.0)
     tl.store(out_ptr + base + offs_j[None, :], s * val, mask=m)
-
-
-def _grid(planes: int, h: int, w: int, bh: int, bw: int) -> tuple[int, int]:
-    return (planes, triton.cdiv(h, bh) * triton.cdiv(w, bw))
 
 
 def freq_encode_triton(x, out, chan, ridx, rw, cidx, cw, aff) -> None:

@@ -18,21 +18,13 @@ Grid: axis 0 = image x tiles, flattened (limit 2^31 - 1). Row offsets fit in int
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# The interpreter costs ~5-9 ms per program whatever the tile, so it gets one tile per image; on a GPU a
-# 16 x 64 tile keeps the float64 temporaries in registers.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _tile(h: int, w: int) -> tuple[int, int]:
-    if _INTERPRET:
-        return triton.next_power_of_2(h), triton.next_power_of_2(w)
-    return 16, 64
+# On a GPU a 16 x 64 tile keeps the float64 temporaries in registers (kernels/_common.py: the launch policy).
+from ppfr.kernels._common import tile as _tile  # noqa: E402
 
 
 @triton.jit

@@ -9,7 +9,10 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ppfr._backend import BACKENDS, BackendUnavailableError
-from ppfr.ops.freq import freq_decode, freq_encode, freq_hflip
+from ppfr.ops import (
+    block_channel_shuffle, dequantize, feature_mask_fuse, feature_mask_fuse_residual, freq_decode, freq_encode,
+    freq_hflip, hybrid_blur, median_blur, prune, quantize, roi_mask, sample_ranks, shuffle_quantize,
+)  # fmt: skip
 
 
 def build_method(name: str, **options):
@@ -19,5 +22,8 @@ def build_method(name: str, **options):
     return _build(name, **options)
 
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "__version__", "build_method", "freq_decode", "freq_encode",
-           "freq_hflip"]  # fmt: skip
+__all__ = [
+    "BACKENDS", "BackendUnavailableError", "__version__", "block_channel_shuffle", "build_method", "dequantize",
+    "feature_mask_fuse", "feature_mask_fuse_residual", "freq_decode", "freq_encode", "freq_hflip", "hybrid_blur",
+    "median_blur", "prune", "quantize", "roi_mask", "sample_ranks", "shuffle_quantize",
+]  # fmt: skip

@@ -17,6 +17,18 @@ UNITS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30,
 WIDTHS = (64, 128, 256, 512)
 
 
+def init_weights(module: nn.Module) -> None:
+    """TFace init (METHODS §1.3): Kaiming-normal (fan_out, relu) conv/linear weights, zero biases; BN 1 / 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class BasicBlockIR(nn.Module):
     """BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN, plus a (strided) shortcut."""
 
@@ -82,15 +94,7 @@ class IRNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Kaiming-normal (fan_out, relu) for conv/linear weights, zero biases; BN weight 1, bias 0."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) and m.affine:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor, inject: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """``inject(stage, h) -> h`` runs after the last unit of each stage (0..3): DuetFace / PRO-Face C hooks."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ppfr.models.ir import init_weights as _init
+
 
 class ConvBlock(nn.Sequential):
     """Conv -> BN (-> PReLU)."""
@@ -48,17 +50,6 @@ def _body() -> list[tuple[str, nn.Module]]:
         ("conv_5", Residual(128, 2, 256)),
         ("conv_6_sep", ConvBlock(128, 512, 1)),  # -> 512 @ 7
     ]
-
-
-def _init(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)) and m.affine:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 class MobileFaceNet(nn.Module):
