@@ -32,6 +32,7 @@ from ppfr.methods import Method, build_method
 from ppfr.models.checkpoints import CheckpointError, safe_load
 from ppfr.models.heads import ArcFaceHead, CosFaceHead, ShardedMarginHead
 from ppfr.train.config import StageConfig, TrainConfig
+from ppfr.train.distributed import all_reduce_grads, convert_batchnorm
 
 
 class TrainingDiverged(RuntimeError):
@@ -145,20 +146,33 @@ class Trainer:
             data = replace(data, world_size=self.world, rank=self.rank)
         return make_loader(data)
 
-    def _all_reduce_grads(self, method: Method) -> None:
-        if self.world <= 1:
-            return
-        # The loss is the global-batch mean computed identically on every rank (sharded CE), so each rank's
-        # backbone gradient is a partial sum over its own samples: sum them.
-        for p in method.parameters():
-            if p.requires_grad and p.grad is not None:
-                dist.all_reduce(p.grad)
+    def train_step(self, method: Method, head: nn.Module, opt: torch.optim.Optimizer, stage: str,
+                   images: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:  # fmt: skip
+        """One optimisation step; returns the (detached) loss. Raises TrainingDiverged on a NaN/Inf loss."""
+        # Every random draw of a step is a function of (seed, stage, epoch, step, rank): the method's own draws
+        # through `generator`, dropout through the global RNG (re-seeded here, because the data loader's iterator
+        # also draws from it, at a point that differs after a resume).
+        torch.manual_seed(seed)
+        out = method.training_step(stage, images, labels, head, generator=torch.Generator().manual_seed(seed))
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss is {loss.item()} in stage {stage!r}; lower optim.lr, set optim.grad_clip, "
+                                   "or check the data")  # fmt: skip
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        all_reduce_grads(p for p in method.parameters() if p.requires_grad)
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], self.cfg.optim.grad_clip)
+        opt.step()
+        return loss.detach()
 
     # -- main loop ---------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         method = build_method(cfg.method, **cfg.method_options).to(self.device)
+        if self.world > 1:
+            convert_batchnorm(method)  # batch statistics over the global batch, also on CPU
         loader = self.make_loader()
         num_classes = loader.num_classes
         stages = self.stage_plan(method)
@@ -232,25 +246,11 @@ class Trainer:
                     for g in opt.param_groups:
                         g["lr"] = lr * g["lr_mult"]
                     images, labels = images.to(self.device), labels.to(self.device)
-                    # Every random draw of a step is a function of (seed, stage, epoch, step, rank): the method's
-                    # own draws through `generator`, dropout through the global RNG (re-seeded here, because the data
-                    # loader's iterator also draws from it, at a point that differs after a resume).
-                    seed = self.step_seed(stage_idx, epoch, step)
-                    torch.manual_seed(seed)
-                    out = method.training_step(stage.name, images, labels, head,
-                                               generator=torch.Generator().manual_seed(seed))  # fmt: skip
-                    loss = out["loss"]
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"loss is {loss.item()} at stage {stage.name!r}, epoch {epoch}, step {step}; "
-                            "lower optim.lr, set optim.grad_clip, or check the data"
-                        )
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self._all_reduce_grads(method)
-                    if cfg.optim.grad_clip:
-                        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.optim.grad_clip)
-                    opt.step()
+                    try:
+                        loss = self.train_step(method, head, opt, stage.name, images, labels,
+                                               self.step_seed(stage_idx, epoch, step))  # fmt: skip
+                    except TrainingDiverged as exc:
+                        raise TrainingDiverged(f"{exc} (epoch {epoch}, step {step})") from None
                     state["global_step"] += 1
                     state["step_in_epoch"] = step + 1
                     seen += images.shape[0] * self.world
