@@ -9,10 +9,12 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ppfr._backend import BACKENDS, BackendUnavailableError
-from ppfr.ops import (
-    block_channel_shuffle, dequantize, feature_mask_fuse, feature_mask_fuse_residual, freq_decode, freq_encode,
-    freq_hflip, hybrid_blur, median_blur, prune, quantize, roi_mask, sample_ranks, shuffle_quantize,
-)  # fmt: skip
+from ppfr.ops.block_shuffle import block_channel_shuffle, dequantize, prune, quantize, shuffle_quantize
+from ppfr.ops.blur import hybrid_blur, median_blur
+from ppfr.ops.feature_mask_fuse import feature_mask_fuse, feature_mask_fuse_residual
+from ppfr.ops.freq import freq_decode, freq_encode, freq_hflip
+from ppfr.ops.roi_mask import roi_mask
+from ppfr.ops.sample_ranks import sample_ranks
 
 
 def build_method(name: str, **options):
