@@ -32,7 +32,9 @@ class MarginHead(nn.Module):
                offset: int = 0) -> torch.Tensor:  # fmt: skip
         """Margin logits (B, C_local) for the classes [offset, offset + C_local) held in ``weight``."""
         w = self.weight if weight is None else weight
-        cos = F.linear(F.normalize(emb), F.normalize(w, dim=0).t()).clamp(-1, 1)
+        # margins need full precision (cos near +-1, sqrt(1 - cos^2)): the head always runs in float32
+        with torch.autocast(emb.device.type, enabled=False):
+            cos = F.linear(F.normalize(emb.float()), F.normalize(w.float(), dim=0).t()).clamp(-1, 1)
         local = labels - offset
         hit = (local >= 0) & (local < cos.shape[1])
         idx = local.clamp(0, cos.shape[1] - 1)[:, None]

@@ -120,6 +120,8 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.run_dir = cfg.run_dir
         self.is_main = self.rank == 0
+        # fp16 needs loss scaling (CUDA); bf16 and fp32 do not: a disabled scaler passes everything through
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -153,17 +155,22 @@ class Trainer:
         # through `generator`, dropout through the global RNG (re-seeded here, because the data loader's iterator
         # also draws from it, at a point that differs after a resume).
         torch.manual_seed(seed)
-        out = method.training_step(stage, images, labels, head, generator=torch.Generator().manual_seed(seed))
-        loss = out["loss"]
+        amp = self.cfg.amp
+        with torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
+                            enabled=amp != "none"):  # fmt: skip
+            out = method.training_step(stage, images, labels, head, generator=torch.Generator().manual_seed(seed))
+        loss = out["loss"].float()
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"loss is {loss.item()} in stage {stage!r}; lower optim.lr, set optim.grad_clip, "
                                    "or check the data")  # fmt: skip
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()  # fp16 loss scaling (a no-op scaler otherwise)
         all_reduce_grads(p for p in method.parameters() if p.requires_grad)
         if self.cfg.optim.grad_clip:
+            self.scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], self.cfg.optim.grad_clip)
-        opt.step()
+        self.scaler.step(opt)
+        self.scaler.update()
         return loss.detach()
 
     # -- main loop ---------------------------------------------------------------------------------------------
@@ -222,6 +229,8 @@ class Trainer:
         if ckpt is not None:
             head.load_state_dict(ckpt["head"])
             opt.load_state_dict(ckpt["optim"])
+            if "scaler" in ckpt:
+                self.scaler.load_state_dict(ckpt["scaler"])
         steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
         self.log(f"stage {stage_idx} '{stage.name}' ({stage.description}): {stage_cfg.epochs} epoch(s) x {steps} steps, "
                  f"{sum(p.numel() for p in method.trainable_parameters()) / 1e6:.2f} M trainable parameters")  # fmt: skip
@@ -276,6 +285,7 @@ class Trainer:
         if not self.is_main:
             return
         ck = {"model": method.state_dict(), "head": head.state_dict(), "optim": opt.state_dict(),
+              "scaler": self.scaler.state_dict(),
               "stage_idx": stage_idx, "epoch": epoch,
               "step_in_epoch": state["step_in_epoch"], "global_step": state["global_step"]}  # fmt: skip
         path = self.run_dir / "checkpoints" / f"step_{state['global_step']:08d}.pt"
