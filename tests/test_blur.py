@@ -33,24 +33,12 @@ from ppfr.ops.blur import (
     pixelate_ref,
     sample_hybrid_params,
 )
+from tests._tolerance import assert_close_to_ref as _assert_close_to_ref
 from tests.conftest import triton_device
 
 MEDIAN_CPU = ["torch", "cpp"]
 SHAPES = [(1, 1, 1, 9), (3, 3, 23, 17), (1, 3, 112, 112), (3, 1, 6, 40)]
 KS = [1, 3, 5, 7, 13, 19]
-
-# float tolerance rule (flash-attn style): a backend's error against the float64 reference may be at most
-# twice the error of the literal reference run in the same dtype, plus a hair for rounding at the end.
-_REL_SLACK = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def _assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, ref_same_dtype: torch.Tensor) -> None:
-    scale = ref64.abs().max().item()
-    base = (ref_same_dtype.double() - ref64).abs().max().item()
-    err = (out.double() - ref64).abs().max().item()
-    bound = 2 * base + _REL_SLACK[out.dtype] * scale
-    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (ref-in-dtype error {base:.3g}, scale {scale:.3g})"
-
 
 def _images(shape, dtype=torch.float32, lo=-1.0, hi=1.0) -> torch.Tensor:
     return (torch.rand(shape, dtype=torch.float64) * (hi - lo) + lo).to(dtype)

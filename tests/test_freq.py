@@ -19,27 +19,15 @@ from ppfr import BackendUnavailableError
 from ppfr.nn import FreqDecode, FreqEncode
 from ppfr.ops import _freq_tables as T
 from ppfr.ops.freq import _freq_decode_op, _freq_encode_op, _freq_hflip_op, freq_decode_ref, freq_encode_ref
+from tests._tolerance import assert_close_to_ref as _assert_close_to_ref
 from tests.conftest import triton_device
 
 CPU_BACKENDS = ["torch", "cpp"]
 SIZES = [(112, 112), (13, 9)]
 BATCHES = [1, 3, 7]
 
-# float tolerance rule (flash-attn style): a backend's error against the float64 reference may be at most
-# twice the error of the literal reference run in the same dtype, plus a hair for rounding at the end.
-_REL_SLACK = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
 def _images(b: int, h: int, w: int, dtype=torch.float64) -> torch.Tensor:
     return (torch.rand(b, 3, h, w, dtype=torch.float64) * 2 - 1).to(dtype)
-
-
-def _assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, ref_same_dtype: torch.Tensor) -> None:
-    scale = ref64.abs().max().item()
-    base = (ref_same_dtype.double() - ref64).abs().max().item()
-    err = (out.double() - ref64).abs().max().item()
-    bound = 2 * base + _REL_SLACK[out.dtype] * scale
-    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (ref-in-dtype error {base:.3g}, scale {scale:.3g})"
 
 
 # ------------------------------------------------------------------------------------------------ the math
