@@ -251,6 +251,16 @@ class Loader:
         """Epochs started so far."""
         return self.inner.epoch
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` yield epoch ``epoch`` (the order is a function of (seed, epoch)): for resuming.
+
+        DALI's readers keep their own position, so the DALI backend only accepts the epoch it is already at.
+        """
+        if self.backend == "dali" and int(epoch) != self.inner.epoch:
+            raise NotImplementedError(f"the DALI loader is at epoch {self.inner.epoch} and cannot jump to {epoch}; "
+                                      "resume with data.backend=torch")  # fmt: skip
+        self.inner.epoch = int(epoch)
+
     def reset(self) -> None:
         """Finish an abandoned epoch (DALI drains its reader; a no-op elsewhere); ``iter()`` calls it anyway."""
         self.inner.reset()

@@ -79,7 +79,28 @@ class Source:
 
 
 # ------------------------------------------------------------------------------------------ image folder
-class FolderSource(Source):
+class _FileListSource(Source):
+    """A source whose samples are image files: ``self.files`` (list of Path) and ``self.labels`` (int64 array)."""
+
+    files: list[Path]
+    labels: np.ndarray
+
+    def read(self, i: int) -> bytes:
+        try:
+            return self.files[i].read_bytes()
+        except OSError as exc:
+            raise CorruptSampleError(f"unreadable ({exc.strerror})") from None
+
+    def name(self, i: int) -> str:
+        return str(self.files[i])
+
+    def dali_reader(self, good: np.ndarray, workdir: Path):
+        from ppfr.pipelines.dali import FileReader
+
+        return FileReader(files=[str(self.files[i]) for i in good], labels=self.labels[good])
+
+
+class FolderSource(_FileListSource):
     """``root/<identity>/<image>``: every regular file in an identity folder is a sample.
 
     Files directly under ``root`` are ignored (a README or an index beside the folders). A file in an identity
@@ -110,19 +131,9 @@ class FolderSource(Source):
         self.files = files
         self.labels = np.asarray(labels, dtype=np.int64)
 
-    def read(self, i: int) -> bytes:
-        try:
-            return self.files[i].read_bytes()
-        except OSError as exc:
-            raise CorruptSampleError(f"unreadable ({exc.strerror})") from None
-
     def name(self, i: int) -> str:
         return str(self.files[i].relative_to(self.path))
 
-    def dali_reader(self, good: np.ndarray, workdir: Path):
-        from ppfr.pipelines.dali import FileReader
-
-        return FileReader(files=[str(self.files[i]) for i in good], labels=self.labels[good])
 
 
 # ------------------------------------------------------------------------------------ TFace index files
@@ -130,7 +141,7 @@ def _text_lines(path: Path) -> list[tuple[int, str]]:
     return [(n, ln) for n, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip() and not ln.startswith("#")]
 
 
-class IndexListSource(Source):
+class IndexListSource(_FileListSource):
     """TFace 2-field index: ``image_path<TAB>label`` per line, paths relative to ``data_root``."""
 
     kind = "index"
@@ -155,19 +166,6 @@ class IndexListSource(Source):
         if self.labels.min() < 0:
             raise DataFormatError(f"{self.path}: negative label {int(self.labels.min())}")
 
-    def read(self, i: int) -> bytes:
-        try:
-            return self.files[i].read_bytes()
-        except OSError as exc:
-            raise CorruptSampleError(f"unreadable ({exc.strerror})") from None
-
-    def name(self, i: int) -> str:
-        return str(self.files[i])
-
-    def dali_reader(self, good: np.ndarray, workdir: Path):
-        from ppfr.pipelines.dali import FileReader
-
-        return FileReader(files=[str(self.files[i]) for i in good], labels=self.labels[good])
 
 
 class _FileHandles:
@@ -351,7 +349,7 @@ class BinSource(Source):
         return d
 
 
-class PairSource(Source):
+class PairSource(_FileListSource):
     """A pair list: the distinct images it references, and ``pairs`` = (P, 4) int64 rows (fold, same, a, b)."""
 
     kind = "pairs"
@@ -369,14 +367,8 @@ class PairSource(Source):
             -1, 4
         )
 
-    def read(self, i: int) -> bytes:
-        try:
-            return self.files[i].read_bytes()
-        except OSError as exc:
-            raise CorruptSampleError(f"unreadable ({exc.strerror})") from None
-
-    def name(self, i: int) -> str:
-        return str(self.files[i])
+    # evaluation order must match the PyTorch path exactly: the external-source reader, not DALI's file reader
+    dali_reader = Source.dali_reader
 
     def info(self) -> dict:
         d = super().info()

@@ -243,7 +243,7 @@ class Trainer:
             if new_file:
                 writer.writerow(["stage", "epoch", "step", "global_step", "lr", "loss", "images_per_s"])
             for epoch in range(state["epoch"], stage_cfg.epochs):
-                loader.inner.epoch = epoch  # the data order is a pure function of (seed, epoch)
+                loader.set_epoch(epoch)  # the data order is a pure function of (seed, epoch)
                 skip = state["step_in_epoch"] if epoch == state["epoch"] else 0
                 t0 = time.perf_counter()
                 for step, (images, labels) in enumerate(loader):
