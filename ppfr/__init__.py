@@ -24,8 +24,15 @@ def build_method(name: str, **options):
     return _build(name, **options)
 
 
+def load_method(path, map_location="cpu", **overrides):
+    """Rebuild a trained method from a ``model.pt`` written by ``ppfr train``; see ppfr.methods.load_method."""
+    from ppfr.methods import load_method as _load
+
+    return _load(path, map_location, **overrides)
+
+
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "__version__", "block_channel_shuffle", "build_method", "dequantize",
-    "feature_mask_fuse", "feature_mask_fuse_residual", "freq_decode", "freq_encode", "freq_hflip", "hybrid_blur",
+    "feature_mask_fuse", "feature_mask_fuse_residual", "freq_decode", "freq_encode", "freq_hflip", "hybrid_blur", "load_method",
     "median_blur", "prune", "quantize", "roi_mask", "sample_ranks", "shuffle_quantize",
 ]  # fmt: skip

@@ -1,8 +1,9 @@
 """Method plugins: ``build_method(name, **options)``; see ppfr.methods.base for the protocol."""
 
 from ppfr.methods.base import (
-    Method, MethodOptions, Payload, Stage, TensorSpec, available_methods, build_method, register_method,
+    Method, MethodOptions, Payload, Stage, TensorSpec, available_methods, build_method, load_method,
+    register_method,
 )  # fmt: skip
 
 __all__ = ["Method", "MethodOptions", "Payload", "Stage", "TensorSpec", "available_methods", "build_method",
-           "register_method"]  # fmt: skip
+           "load_method", "register_method"]  # fmt: skip

@@ -212,3 +212,31 @@ def _load_builtin() -> None:
     for mod in ("arcface", "duetface", "partialface", "minusface", "profacec"):
         importlib.import_module(f"ppfr.methods.{mod}")
 
+
+
+# Options that point at files on the machine that trained the model. A saved model.pt already holds the weights
+# they loaded, so they are dropped when the model is rebuilt elsewhere.
+LOAD_TIME_OPTIONS: frozenset[str] = frozenset({"server_ckpt"})
+
+
+def load_method(path: Any, map_location: str | torch.device = "cpu", **overrides: Any) -> Method:
+    """Rebuild a trained method from a ``runs/<name>/model.pt`` written by ``ppfr train``.
+
+    The file is read with ``torch.load(weights_only=True)`` (never an arbitrary unpickle). ``overrides`` replace
+    saved options (e.g. ``backend="cpp"``). Returns the method in eval mode. Raises CheckpointError on a file that
+    is not a ppfr model (the message says what is missing) or whose weights do not fit.
+    """
+    from ppfr.models.checkpoints import CheckpointError, safe_load
+
+    ck = safe_load(path)
+    missing = [k for k in ("model", "method", "method_options") if k not in ck]
+    if missing:
+        raise CheckpointError(f"{path} is not a ppfr model file (missing {missing}); pass runs/<name>/model.pt")
+    opts = {k: v for k, v in dict(ck["method_options"]).items() if k not in LOAD_TIME_OPTIONS}
+    opts.update(overrides)
+    method = build_method(str(ck["method"]), **opts)
+    result = method.load_state_dict(ck["model"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{path}: weights do not fit {ck['method']} (missing {result.missing_keys[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]})")  # fmt: skip
+    return method.to(map_location).eval()
