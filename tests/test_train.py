@@ -130,3 +130,46 @@ def test_bf16_autocast_runs_in_reduced_precision(tmp_path):
     assert bf16["loss_first"] != fp32["loss_first"]
     assert abs(bf16["loss_first"] - fp32["loss_first"]) < 0.02 * abs(fp32["loss_first"])
     assert bf16["loss_last"] == bf16["loss_last"]  # finite, not NaN
+
+
+def test_stages_as_separate_runs_with_init_from(tmp_path):
+    """MinusFace stage 1 as one job, stage 2 as another started from the stage-1 model.pt: stage 2 begins from the
+    stage-1 generator (frozen, so it leaves unchanged) and trains only the fresh recogniser f_p."""
+    opts = "method_options={depth: 18, width: 4, gen_width: 4}"
+    s1 = _cfg(tmp_path / "s1", "stages=[{name: stage1, epochs: 1}]", opts, method="minusface")
+    Trainer(s1, quiet=True).fit()
+    stage1 = _params(s1.run_dir / "model.pt")
+    s2 = _cfg(tmp_path / "s2", "stages=[{name: stage2, epochs: 1}]", opts, f"init_from={s1.run_dir / 'model.pt'}",
+              method="minusface")  # fmt: skip
+    Trainer(s2, quiet=True).fit()
+    stage2 = _params(s2.run_dir / "model.pt")
+    gen = [k for k in stage1 if k.startswith("generator.")]
+    assert gen and all(torch.equal(stage1[k], stage2[k]) for k in gen)
+    assert any(not torch.equal(stage1[k], stage2[k]) for k in stage1 if k.startswith("recognizer_p.") and
+               stage1[k].is_floating_point())  # fmt: skip
+    wrong = _cfg(tmp_path / "w", f"init_from={s1.run_dir / 'model.pt'}")  # an arcface run from a minusface model
+    with pytest.raises(Exception, match="holds a 'minusface' model"):
+        Trainer(wrong, quiet=True).fit()
+
+
+def test_progress_lines_and_csv(tmp_path, capsys):
+    cfg = _cfg(tmp_path, "log_every=2", "progress=lines")
+    Trainer(cfg).fit()
+    out = capsys.readouterr().out
+    assert "img/s" in out and "eta" in out and "epoch 0 done" in out
+    rows = (cfg.run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "stage,epoch,step,global_step,lr,loss,images_per_s" and len(rows) == 1 + 4
+    with pytest.raises(ConfigError, match="progress"):
+        _cfg(tmp_path, "progress=fancy")
+
+
+def test_tensorboard_events_or_clear_error(tmp_path):
+    cfg = _cfg(tmp_path, "tensorboard=true")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="needs the tensorboard package"):
+            Trainer(cfg, quiet=True).fit()
+        return
+    Trainer(cfg, quiet=True).fit()
+    assert list((cfg.run_dir / "tb").glob("events.out.tfevents.*"))

@@ -95,11 +95,19 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "none"  # none | bf16 | fp16 (CUDA)
     threads: Optional[int] = None
+    # a model.pt (or trainer checkpoint) whose method weights start this run: how a multi-stage method runs its
+    # stages as separate jobs (e.g. MinusFace stage 2 from the stage-1 model), not a resume (optimiser, head and
+    # schedule start fresh)
+    init_from: Optional[str] = None
+    tensorboard: bool = False  # also write TensorBoard event files to <run>/tb (needs the tensorboard package)
+    progress: str = "auto"  # auto (a bar on a terminal, log lines otherwise) | bar | lines
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         if self.amp not in ("none", "bf16", "fp16"):
             raise ConfigError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.progress not in ("auto", "bar", "lines"):
+            raise ConfigError(f"progress must be auto, bar or lines, got {self.progress!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for key in ("epochs", "checkpoint_every", "keep_last", "log_every"):

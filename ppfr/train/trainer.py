@@ -14,8 +14,6 @@ partial sums that one all-reduce completes.
 
 from __future__ import annotations
 
-import csv
-import math
 import os
 import sys
 import time
@@ -33,6 +31,7 @@ from ppfr.models.checkpoints import CheckpointError, safe_load
 from ppfr.models.heads import ArcFaceHead, CosFaceHead, ShardedMarginHead
 from ppfr.train.config import StageConfig, TrainConfig
 from ppfr.train.distributed import all_reduce_grads, convert_batchnorm
+from ppfr.train.logs import TrainLog
 
 
 class TrainingDiverged(RuntimeError):
@@ -194,6 +193,8 @@ class Trainer:
                 state = {k: int(ckpt[k]) for k in state}
                 method.load_state_dict(ckpt["model"])
                 self.log(f"resuming from {path} (stage {state['stage_idx']}, epoch {state['epoch']}, step {state['step_in_epoch']})")
+        if ckpt is None and cfg.init_from:
+            self.init_weights(method, cfg.init_from)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -201,11 +202,10 @@ class Trainer:
         if cfg.eval.pairs and cfg.eval.before and ckpt is None and self.is_main:
             summary["before"] = self.evaluate(method)
             self.log(f"verification before training: {summary['before']}")
-        metrics_path = self.run_dir / "metrics.csv"
         for stage_idx, stage_cfg in enumerate(stages):
             if stage_idx < state["stage_idx"]:
                 continue
-            summary["stages"].append(self._fit_stage(method, loader, num_classes, stage_idx, stage_cfg, state, ckpt, metrics_path))
+            summary["stages"].append(self._fit_stage(method, loader, num_classes, stage_idx, stage_cfg, state, ckpt))
             ckpt = None
             state.update(stage_idx=stage_idx + 1, epoch=0, step_in_epoch=0)
         if self.is_main:
@@ -219,7 +219,7 @@ class Trainer:
         self.method = method
         return summary
 
-    def _fit_stage(self, method, loader, num_classes, stage_idx, stage_cfg, state, ckpt, metrics_path) -> dict:
+    def _fit_stage(self, method, loader, num_classes, stage_idx, stage_cfg, state, ckpt) -> dict:
         cfg = self.cfg
         stage = method.set_stage(stage_cfg.name)
         method.train()
@@ -237,11 +237,11 @@ class Trainer:
         first = last = None
         t_start = time.perf_counter()
         seen = 0
-        new_file = not metrics_path.exists()
-        with open(metrics_path, "a", newline="") if self.is_main else open(os.devnull, "w") as fcsv:
-            writer = csv.writer(fcsv)
-            if new_file:
-                writer.writerow(["stage", "epoch", "step", "global_step", "lr", "loss", "images_per_s"])
+        remaining = (stage_cfg.epochs - state["epoch"]) * steps - state["step_in_epoch"]
+        done_here = 0
+        with TrainLog(self.run_dir, enabled=self.is_main, tensorboard=cfg.tensorboard, progress=cfg.progress,
+                      quiet=self.quiet) as tlog:  # fmt: skip
+            self.tlog = tlog
             for epoch in range(state["epoch"], stage_cfg.epochs):
                 loader.set_epoch(epoch)  # the data order is a pure function of (seed, epoch)
                 skip = state["step_in_epoch"] if epoch == state["epoch"] else 0
@@ -263,23 +263,37 @@ class Trainer:
                     state["global_step"] += 1
                     state["step_in_epoch"] = step + 1
                     seen += images.shape[0] * self.world
+                    done_here += 1
                     v = loss.item()
                     first = v if first is None else first
                     last = v
                     if state["global_step"] % cfg.log_every == 0 or step == steps - 1:
-                        ips = seen / (time.perf_counter() - t_start)
-                        writer.writerow([stage.name, epoch, step, state["global_step"], f"{lr:.6g}", f"{v:.6f}", f"{ips:.1f}"])
-                        fcsv.flush()
-                        self.log(f"[{stage.name}] epoch {epoch} step {step + 1}/{steps} lr {lr:.4g} loss {v:.4f} {ips:.1f} img/s")
+                        elapsed = time.perf_counter() - t_start
+                        tlog.step(stage=stage.name, epoch=epoch, step=step, steps=steps,
+                                  global_step=state["global_step"], lr=lr, loss=v, images_per_s=seen / elapsed,
+                                  eta_s=elapsed / done_here * (remaining - done_here))  # fmt: skip
                     if state["global_step"] % cfg.checkpoint_every == 0:
                         self.checkpoint(method, head, opt, state, stage_idx, epoch)
                 state["step_in_epoch"] = 0
                 state["epoch"] = epoch + 1
-                self.log(f"[{stage.name}] epoch {epoch} done in {time.perf_counter() - t0:.1f} s")
+                tlog.message(f"[{stage.name}] epoch {epoch} done in {time.perf_counter() - t0:.1f} s")
             self.checkpoint(method, head, opt, state, stage_idx, state["epoch"])
         ips = seen / max(time.perf_counter() - t_start, 1e-9)
         self.head = head
         return {"stage": stage.name, "loss_first": first, "loss_last": last, "images_per_s": ips}
+
+    def init_weights(self, method: Method, path: str) -> None:
+        """Start from another run's method weights (``init_from``): a model.pt or a trainer checkpoint."""
+        ck = safe_load(path)
+        if "model" not in ck:
+            raise CheckpointError(f"init_from={path}: not a ppfr model.pt or checkpoint (no 'model' entry)")
+        if ck.get("method", self.cfg.method) != self.cfg.method:
+            raise CheckpointError(f"init_from={path} holds a {ck['method']!r} model, this run trains {self.cfg.method!r}")
+        result = method.load_state_dict(ck["model"], strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(f"init_from={path}: weights do not fit {self.cfg.method} (missing "
+                                  f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")  # fmt: skip
+        self.log(f"initialised {self.cfg.method} from {path}")
 
     def checkpoint(self, method, head, opt, state, stage_idx, epoch) -> None:
         if not self.is_main:
