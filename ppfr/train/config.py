@@ -74,6 +74,7 @@ class EvalConfig:
     batch_size: int = 64
     max_pairs: Optional[int] = None
     before: bool = True  # also evaluate the untrained model (the baseline the acceptance compares against)
+    after: bool = True  # evaluate the trained model at the end (off when a caller evaluates it its own way)
 
 
 @dataclass(frozen=True)

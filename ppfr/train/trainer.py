@@ -212,7 +212,7 @@ class Trainer:
             save_atomic({"model": method.state_dict(), "method": cfg.method, "method_options": dict(cfg.method_options),
                          "config": yaml.safe_dump(cfg.to_dict())}, self.run_dir / "model.pt")  # fmt: skip
             self.log(f"wrote {self.run_dir / 'model.pt'}")
-            if cfg.eval.pairs:
+            if cfg.eval.pairs and cfg.eval.after:
                 summary["after"] = self.evaluate(method)
                 self.log(f"verification after training: {summary['after']}")
         summary["skipped_samples"] = getattr(loader, "skipped", 0)

@@ -1,0 +1,294 @@
+"""``ppfr eval CHECKPOINT --data PAIRS_OR_BIN [--ijb-dir DIR]``: evaluate a trained method or the face-api judge.
+
+CHECKPOINT is a ``runs/<name>/model.pt`` written by ``ppfr train`` (rebuilt with :func:`ppfr.methods.load_method`)
+or, with ``--judge faceapi`` (detected automatically for a folder holding the face-api.js manifest), the judge's
+weight folder; the judge sees the clean RGB faces.
+
+* ``--data``: a pair list (``fold same path_a path_b`` or LFW ``pairs.txt``) or an insightface ``.bin``: 10-fold
+  verification exactly as METHODS.md §7.1 (squared distance of normalised embeddings, thresholds 0:0.01:4, the
+  pair list's folds or contiguous KFold(10) for a ``.bin``), plus AUC and TPR@FPR on the same pair scores.
+* ``--ijb-dir``: 1:1 template verification (§7.2, :mod:`ppfr.eval.ijb`).
+* Flip test-time augmentation (``--flip``, the default): embedding = f(x) + f(flip(x)). The *RGB image* is flipped
+  and then goes through the method's whole client transform and server (``method.embed``), so every method gets
+  exactly the §7.1 treatment ("apply the method's client transform to x and to the flipped x separately"); the
+  random client draws (PartialFace ranks, MinusFace permutations, ...) come from one generator seeded by
+  ``--seed``, so a run is reproducible.
+
+Writes ``metrics.json``, ``metrics.md`` (a Markdown table) and ``roc.png`` into ``--out``. Needs no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+JUDGES = ("faceapi",)
+
+
+def _fmt_fpr(f: float) -> str:
+    return f"{f:.0e}".replace("e-0", "e-")
+
+
+def _build_embed(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
+    """-> (embed(images (B,3,112,112) in [-1,1]) -> (B, D), description of the model for metrics.json)."""
+    from ppfr.models.faceapi import MANIFEST_NAME
+
+    path = Path(args.checkpoint)
+    judge = args.judge
+    if judge is None and path.is_dir() and (path / MANIFEST_NAME).is_file():
+        judge = "faceapi"  # a face-api.js weight folder is unambiguous
+    device = torch.device(args.device)
+    if judge == "faceapi":
+        from ppfr.models.faceapi import load_faceapi_judge
+
+        model = load_faceapi_judge(path, device=device)
+        return (lambda x: model.embed(x.to(device))), {"kind": "judge", "judge": "faceapi", "checkpoint": str(path),
+                                                       "input": "clean RGB, warped to the dlib 150x150 chip"}  # fmt: skip
+    if path.is_dir():
+        if (path / "model.pt").is_file():
+            path = path / "model.pt"  # a run folder
+        else:
+            from ppfr.models.checkpoints import CheckpointError
+
+            raise CheckpointError(f"{path} is a folder without model.pt (pass runs/<name>/model.pt, or --judge faceapi "
+                                  "for face-api.js weights)")  # fmt: skip
+    from ppfr.methods import load_method
+
+    method = load_method(path, map_location=device)
+    gen = torch.Generator().manual_seed(args.seed)
+    desc = {"kind": "method", "method": method.name, "checkpoint": str(path),
+            "options": {f.name: _jsonable(getattr(method.options, f.name)) for f in dataclasses.fields(method.options)}}
+    return (lambda x: method.embed(x.to(device), generator=gen)), desc
+
+
+def _jsonable(v):
+    if isinstance(v, (int, float, str, bool, type(None))):
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return str(v)
+
+
+class _NormMeter:
+    """Wraps an embed function and records the norms of the raw embeddings it returns (before any normalising)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.fn, self.norms = fn, []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.fn(x)
+        self.norms.append(e.detach().float().norm(dim=1).cpu())
+        return e
+
+    def summary(self) -> dict:
+        n = torch.cat(self.norms) if self.norms else torch.zeros(1)
+        return {"mean": float(n.mean()), "min": float(n.min()), "max": float(n.max())}
+
+
+def _verification(embed, args: argparse.Namespace) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+    from ppfr.eval.verification import DEFAULT_FPRS, pair_scores, roc_curve, ten_fold, ten_fold_sqdist, tpr_at_fpr
+
+    s = pair_scores(embed, args.data, image_root=args.image_root, batch_size=args.batch_size, flip=args.flip,
+                    num_workers=args.workers, max_pairs=args.max_pairs)  # fmt: skip
+    if args.protocol == "reference":
+        res = ten_fold_sqdist(s.dists, s.same, s.folds)
+    else:
+        res = ten_fold(s.sims, s.same, s.folds)
+    fpr, tpr, _ = roc_curve(s.sims, s.same)
+    neg = int((~s.same).sum())
+    out = {
+        "data": str(args.data), "protocol": args.protocol, "pairs": res.pairs, "positives": int(s.same.sum()),
+        "negatives": neg, "images": s.images, "unreadable_images": s.unreadable, "folds": len(res.fold_accuracies),
+        "accuracy": res.accuracy, "std": res.std, "fold_accuracies": list(res.fold_accuracies),
+        "threshold": res.threshold, "threshold_metric": res.metric, "auc": res.auc,
+        "tpr_at_fpr": {_fmt_fpr(k): v for k, v in tpr_at_fpr(s.sims, s.same, DEFAULT_FPRS).items()},
+        "tpr_at_fpr_at_most": {_fmt_fpr(k): v for k, v in tpr_at_fpr(s.sims, s.same, DEFAULT_FPRS, "at_most").items()},
+        "min_resolvable_fpr": 1.0 / neg,
+    }  # fmt: skip
+    return out, (fpr, tpr)
+
+
+def _ijb(embed, args: argparse.Namespace) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+    from ppfr.eval.ijb import evaluate_templates, open_ijb_dir
+    from ppfr.eval.verification import tpr_at_fpr
+
+    listing = open_ijb_dir(args.ijb_dir, args.ijb_name)
+    r = evaluate_templates(embed, listing, batch_size=args.batch_size, flip=args.flip, num_workers=args.workers)
+    neg = int((~r.labels).sum())
+    out = {
+        "dir": str(args.ijb_dir), "set": listing.name, "aligned_from_landmarks": listing.landmarks is not None,
+        "images": r.images, "unreadable_images": r.unreadable, "templates": r.templates,
+        "template_pairs": len(r.scores), "positives": int(r.labels.sum()), "negatives": neg, "auc": r.auc,
+        "tpr_at_fpr": {_fmt_fpr(k): v for k, v in r.tpr_at_fpr.items()},
+        "tpr_at_fpr_at_most": {_fmt_fpr(k): v for k, v in tpr_at_fpr(r.scores, r.labels, rule="at_most").items()},
+        "min_resolvable_fpr": 1.0 / max(neg, 1),
+    }  # fmt: skip
+    return out, r.roc
+
+
+def _markdown(metrics: dict) -> str:
+    m = metrics["model"]
+    name = m.get("method") or m.get("judge")
+    lines = [f"# ppfr eval: {name}", "", f"- checkpoint: `{m['checkpoint']}`",
+             f"- flip TTA: {'on (f(x) + f(flip x))' if metrics['flip'] else 'off'}", ""]  # fmt: skip
+    v = metrics.get("verification")
+    if v:
+        bad = f", {v['unreadable_images']} unreadable" if v["unreadable_images"] else ""
+        thr = f"{v['threshold']:.3f} ({v['threshold_metric']})"
+        lines += [f"## 10-fold verification ({v['protocol']} protocol, METHODS §7.1)", "",
+                  f"`{v['data']}`: {v['pairs']} pairs ({v['positives']} genuine / {v['negatives']} impostor), "
+                  f"{v['images']} images{bad}", "",
+                  "| accuracy (%) | std (%) | threshold | AUC |", "|---|---|---|---|",
+                  f"| {v['accuracy'] * 100:.2f} | {v['std'] * 100:.2f} | {thr} | {v['auc']:.4f} |", ""]  # fmt: skip
+        lines += _tpr_table(v)
+    j = metrics.get("ijb")
+    if j:
+        lines += [f"## 1:1 template verification ({j['set']}, METHODS §7.2)", "",
+                  f"{j['template_pairs']} template pairs ({j['positives']} genuine / {j['negatives']} impostor), "
+                  f"{j['templates']} templates, {j['images']} images; AUC {j['auc']:.4f}", ""]  # fmt: skip
+        lines += _tpr_table(j)
+    return "\n".join(lines)
+
+
+def _tpr_table(block: dict) -> list[str]:
+    keys = list(block["tpr_at_fpr"])
+    low = [k for k in keys if float(k) < block["min_resolvable_fpr"]]
+    near = " | ".join(f"{block['tpr_at_fpr'][k] * 100:.2f}" + ("*" if k in low else "") for k in keys)
+    most = " | ".join(f"{block['tpr_at_fpr_at_most'][k] * 100:.2f}" for k in keys)
+    lines = ["| FPR | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys),
+             f"| TPR (%), nearest ROC point (reference) | {near} |", f"| TPR (%), best with FPR <= target | {most} |"]  # fmt: skip
+    if low:
+        lines.append(f"\n\\* below 1/impostors = {block['min_resolvable_fpr']:.1e}: not resolvable with this many "
+                     "impostor pairs; the reference's nearest-point rule then lands on (0, 0) and reports 0.")  # fmt: skip
+    return lines + [""]
+
+
+def _plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # headless: no display on CI or servers
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("ppfr eval: roc.png needs matplotlib (pip install matplotlib==3.11.2, pinned in "
+                         "requirements.txt); metrics.json and metrics.md were written") from None  # fmt: skip
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    for label, (fpr, tpr) in curves.items():
+        lo = fpr[fpr > 0].min() if (fpr > 0).any() else 1e-6
+        # a log axis cannot show FPR = 0: draw those points at the smallest positive FPR (the step's left edge)
+        ax.step(np.maximum(fpr, lo), tpr, where="post", label=label)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-6, 1)
+    ax.set_ylim(0, 1.005)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _default_out(args: argparse.Namespace, desc: dict) -> Path:
+    ck = Path(desc["checkpoint"])
+    model = desc.get("judge") or (ck.parent.name if ck.name == "model.pt" else ck.stem)
+    data = Path(args.data).stem if args.data else Path(args.ijb_dir).name
+    return Path("runs") / "eval" / f"{model}-{data}"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ppfr.data._common import DataFormatError
+    from ppfr.models.checkpoints import CheckpointError
+
+    if not args.data and not args.ijb_dir:
+        print("ppfr eval: nothing to evaluate: pass --data PAIRS_OR_BIN and/or --ijb-dir DIR", file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print(f"ppfr eval: --batch-size must be positive, got {args.batch_size}", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"ppfr eval: --device {args.device} asked for but no CUDA device is available", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        embed, desc = _build_embed(args)
+        meter = _NormMeter(embed)
+        metrics: dict = {"model": desc, "flip": bool(args.flip), "seed": args.seed}
+        curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if args.data:
+            metrics["verification"], curves[f"verification ({Path(args.data).name})"] = _verification(meter, args)
+        if args.ijb_dir:
+            metrics["ijb"], curves[f"templates ({Path(args.ijb_dir).name})"] = _ijb(meter, args)
+    except (CheckpointError, DataFormatError, FileNotFoundError) as exc:
+        print(f"ppfr eval: {exc}", file=sys.stderr)
+        return 2
+    metrics["embedding_norm"] = meter.summary()  # raw network outputs, before flip-sum and normalisation
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    out = Path(args.out) if args.out else _default_out(args, desc)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "metrics.md").write_text(_markdown(metrics) + "\n")
+    name = desc.get("method") or desc.get("judge")
+    _plot_roc(curves, f"ppfr eval: {name}" + (" (flip TTA)" if args.flip else ""), out / "roc.png")
+    if "verification" in metrics:
+        v = metrics["verification"]
+        tprs = ", ".join(f"{k}: {x * 100:.2f}" for k, x in v["tpr_at_fpr"].items())
+        print(f"verification ({v['pairs']} pairs, {v['folds']} folds, flip {'on' if args.flip else 'off'}): "
+              f"acc {v['accuracy'] * 100:.2f} +- {v['std'] * 100:.2f} %, threshold {v['threshold']:.3f} "
+              f"({v['threshold_metric']}), AUC {v['auc']:.4f}")  # fmt: skip
+        print(f"  TPR (%) @ FPR {tprs} (FPR below {v['min_resolvable_fpr']:.1e} not resolvable)")
+    if "ijb" in metrics:
+        j = metrics["ijb"]
+        tprs = ", ".join(f"{k}: {x * 100:.2f}" for k, x in j["tpr_at_fpr"].items())
+        print(f"templates ({j['template_pairs']} pairs, {j['templates']} templates): AUC {j['auc']:.4f}")
+        print(f"  TPR (%) @ FPR {tprs}")
+    n = metrics["embedding_norm"]
+    print(f"raw embedding norm {n['mean']:.3f} (min {n['min']:.3f}, max {n['max']:.3f}); {metrics['seconds']:.1f} s")
+    print(f"wrote {out / 'metrics.json'}, {out / 'metrics.md'}, {out / 'roc.png'}")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="runs/<name>/model.pt (or its folder), or a judge's weight folder")
+    p.add_argument("--data", default=None, help="pair list (fold same a b / LFW pairs.txt) or insightface .bin")
+    p.add_argument("--image-root", default=None, help="where pair-list paths are resolved (default: the list's folder)")
+    p.add_argument("--ijb-dir", default=None,
+                   help="IJB folder (meta/<set>_face_tid_mid.txt ...) or a ppfr template folder (templates.txt)")  # fmt: skip
+    p.add_argument("--ijb-name", default=None, help="IJB set name under meta/ (e.g. ijbc); default: the only one")
+    p.add_argument("--judge", default=None, choices=JUDGES, help="evaluate a pretrained judge on clean RGB faces")
+    p.add_argument("--out", default=None, help="output folder (default runs/eval/<model>-<data>)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="flip test-time augmentation f(x) + f(flip x) (default on, as §7.1)")  # fmt: skip
+    p.add_argument("--protocol", default="reference", choices=["reference", "exact"],
+                   help="10-fold thresholds: reference = §7.1 squared-distance grid; exact = every observed cosine")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
+    p.add_argument("--max-pairs", type=int, default=None, help="evaluate only the first N pairs (smoke tests)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the methods' random client draws")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="verification / template evaluation of a trained model or the face-api judge",
+                       description=__doc__.split("\n\n")[0])  # fmt: skip
+    add_arguments(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ppfr eval", description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    return cmd_eval(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
