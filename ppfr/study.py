@@ -1,0 +1,378 @@
+"""``ppfr study``: every method side by side on one image-folder dataset, accuracy and privacy, in one command.
+
+For each method (default: arcface, arcface_fd, duetface, partialface, minusface, profacec) the study
+
+1. trains its ``configs/<method>_tiny.yaml`` (one common CPU-scale backbone, IR-18 at base width 16, and one
+   schedule: ``--epochs`` per stage) on ``--data``; a method with a frozen server recogniser (an option called
+   ``server_ckpt``: PRO-Face C) gets the study's trained ``arcface`` model as that server;
+2. evaluates 10-fold verification on the identity-disjoint ``--pairs`` (flip test-time augmentation through the
+   method's own client: the flipped image is protected and recognised, and the two embeddings are summed);
+3. times the client (``protect``) and the server (``recognize``) per image and measures the payload bytes per image;
+4. runs the white-box recovery attack of ``ppfr attack`` on the method's payload (SSIM/PSNR on held-out faces,
+   re-identification of the recovered faces by an independent judge) and keeps its picture;
+5. writes ``<out>/study.json`` and a Markdown report (``--report``, e.g. docs/results.md) with the papers' figures.
+
+Every step is resumable: a finished training run (``<out>/runs/<method>/model.pt``) and a finished attack
+(``<out>/attack/<method>/result.json``) are reused, so a killed study continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_METHODS = ("arcface", "arcface_fd", "duetface", "partialface", "minusface", "profacec")
+
+# The papers' figures (METHODS.md): LFW accuracy at full scale (IR-50, MS1Mv2; MinusFace paper Tab.1) and the
+# white-box recovery attack (MinusFace paper Fig.6: U-Net trained on BUPT; SSIM / PSNR). PRO-Face C's paper text
+# and numbers are not available (METHODS.md §6.6).
+PAPER: dict[str, dict[str, Any]] = {
+    "arcface": {"lfw": 99.77},
+    "arcface_fd": {"lfw": 99.69, "ssim": 0.70, "psnr": 15.21, "as": "PPFR-FD"},
+    "duetface": {"lfw": 99.82, "ssim": 0.84, "psnr": 19.39},
+    "partialface": {"lfw": 99.80, "ssim": 0.59, "psnr": 13.23},
+    "minusface": {"lfw": 99.78, "ssim": 0.50, "psnr": 10.98},
+    "profacec": {},
+}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """data: image-folder training set (identity sub-folders); pairs: identity-disjoint pair list
+    (``fold same path_a path_b``); out: output folder; configs: folder with ``<method>_tiny.yaml``."""
+
+    data: str
+    pairs: str
+    out: str
+    image_root: str | None = None
+    configs: str = "configs"
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    epochs: int = 2
+    server_method: str = "arcface"
+    attack_steps: int = 300
+    attack_train_images: int = 1500
+    attack_pairs: int | None = 600
+    judge: str = "faceapi"
+    judge_dir: str | None = None
+    timing_batch: int = 32
+    threads: int | None = None
+    report: str | None = None
+    seed: int = 1337
+    max_steps_per_epoch: int | None = None  # a quick smoke run; None trains whole epochs
+    batch_size: int | None = None  # None: the configs' batch size
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.attack_steps < 1 or self.timing_batch < 1:
+            raise ValueError("epochs, attack_steps and timing_batch must be positive")
+        unknown = [m for m in self.methods if not (Path(self.configs) / f"{m}_tiny.yaml").is_file()]
+        if unknown:
+            raise ValueError(f"no {self.configs}/<method>_tiny.yaml for {unknown}")
+
+
+# ------------------------------------------------------------------------------------------------- steps
+def train_config(cfg: StudyConfig, method: str, runs: Path, server: Path | None):
+    """The method's tiny config with the study's data, schedule and (where the method has one) server."""
+    from ppfr.methods.base import _REGISTRY, _load_builtin
+    from ppfr.train.config import load_config
+
+    path = Path(cfg.configs) / f"{method}_tiny.yaml"
+    base = load_config(path)
+    over = [f"name={method}", f"out_dir={runs}", f"data.source={cfg.data}", f"epochs={cfg.epochs}",
+            f"eval.pairs={cfg.pairs}", "eval.before=true", "eval.after=false", f"seed={cfg.seed}", "progress=lines",
+            f"optim.lr_steps=[{max(cfg.epochs - 1, 1)}]"]  # fmt: skip
+    if cfg.image_root:
+        over.append(f"eval.image_root={cfg.image_root}")
+    if cfg.max_steps_per_epoch:
+        over.append(f"max_steps_per_epoch={cfg.max_steps_per_epoch}")
+    if cfg.batch_size:
+        over.append(f"data.batch_size={cfg.batch_size}")
+    if base.stages:
+        over.append("stages=[" + ", ".join(f"{{name: {s.name}, epochs: {cfg.epochs}}}" for s in base.stages) + "]")
+    _load_builtin()
+    fields = {f.name for f in dataclasses.fields(_REGISTRY[base.method].Options)}
+    if "server_ckpt" in fields:  # a frozen server recogniser: the study's trained unprotected model
+        if server is None:
+            raise ValueError(f"{method} needs a trained {cfg.server_method!r} model as its server; list "
+                             f"{cfg.server_method} before {method} in --methods")  # fmt: skip
+        over.append(f"method_options.server_ckpt={server}")
+    return load_config(path, over)
+
+
+def _median_time(fn, repeat: int = 3) -> float:
+    fn()  # warm-up (lazy extension loads, allocator)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def cost(method, images: torch.Tensor) -> dict[str, float]:
+    """Client and server milliseconds per image (median of 3 batches) and payload bytes per image."""
+    g = torch.Generator().manual_seed(0)
+    payload = method.protect(images, generator=g)
+    n = images.shape[0]
+    client = _median_time(lambda: method.protect(images, generator=torch.Generator().manual_seed(0)))
+    server = _median_time(lambda: method.recognize(payload))
+    return {"client_ms": 1000 * client / n, "server_ms": 1000 * server / n,
+            "payload_bytes": payload.nbytes_per_sample()}  # fmt: skip
+
+
+@torch.no_grad()
+def verify(method, cfg: StudyConfig) -> dict[str, Any]:
+    """10-fold verification of the trained method, plain and with flip TTA through its client (the flipped image is
+    protected and recognised; the normalised embeddings are summed), from one pass over both views."""
+    from ppfr.data.config import DataConfig
+    from ppfr.data.loader import make_loader
+    from ppfr.data.sources import PairSource
+    from ppfr.eval.verification import ten_fold
+
+    src = PairSource(cfg.pairs, cfg.image_root)
+    loader = make_loader(DataConfig(source=cfg.pairs, backend="torch", batch_size=64, train=False, num_workers=0,
+                                    world_size=1, rank=0), source=src)  # fmt: skip
+    plain, flipped, idx = [], [], []
+    for x, i in loader:
+        g = torch.Generator().manual_seed(0)  # the client's secrets are fixed: both views get the same draw
+        plain.append(F.normalize(method.embed(x, generator=g).float(), dim=1))
+        g = torch.Generator().manual_seed(0)
+        flipped.append(F.normalize(method.embed(x.flip(-1), generator=g).float(), dim=1))
+        idx.append(i)
+    order = torch.cat(idx)
+    out = {}
+    for key, emb in (("plain", torch.cat(plain)), ("flip", torch.cat(plain) + torch.cat(flipped))):
+        full = torch.zeros(len(src.files), emb.shape[1])
+        full[order] = F.normalize(emb, dim=1)
+        p = src.pairs
+        r = ten_fold((full[p[:, 2]] * full[p[:, 3]]).sum(1).numpy(), p[:, 1].astype(bool), p[:, 0])
+        out[key] = {"accuracy": r.accuracy, "std": r.std, "auc": r.auc, "threshold": r.threshold, "pairs": r.pairs}
+    return out
+
+
+def _load_rgb(cfg: StudyConfig, n: int) -> torch.Tensor:
+    from ppfr.data.config import DataConfig
+    from ppfr.data.loader import make_loader
+
+    loader = make_loader(DataConfig(source=cfg.data, backend="torch", batch_size=n, train=False, num_workers=0,
+                                    world_size=1, rank=0))  # fmt: skip
+    return next(iter(loader))[0]
+
+
+# --------------------------------------------------------------------------------------------- the study
+def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
+    from ppfr.eval import attack as atk
+    from ppfr.methods import load_method
+    from ppfr.train.trainer import Trainer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    runs, attack_dir = out / "runs", out / "attack"
+    out.mkdir(parents=True, exist_ok=True)
+    t_study = time.perf_counter()
+    acfg = atk.AttackConfig(steps=cfg.attack_steps, max_train_images=cfg.attack_train_images,
+                            max_pairs=cfg.attack_pairs, seed=0)  # fmt: skip
+    val_src = atk.open_val(cfg.pairs, acfg.max_pairs)
+    judge = atk.make_judge(cfg.judge, cfg.judge_dir) if cfg.judge != "none" else None
+    attack_train = atk.load_faces(cfg.data, max_images=acfg.max_train_images, seed=acfg.seed)
+    attack_val = atk.load_faces(val_src, max_images=acfg.max_val_images, seed=acfg.seed)
+    judge_orig = None
+    if judge is not None:
+        emb = atk.judge_embeddings(judge, (attack_val.batch(torch.arange(i, min(i + 32, len(attack_val))))
+                                           for i in range(0, len(attack_val), 32)))  # fmt: skip
+        judge_orig = atk.pair_verification(emb, attack_val.labels, attack_val.source.pairs)
+        log(f"study: judge {judge.name} on the original held-out faces: {judge_orig}")
+    timing_images = _load_rgb(cfg, cfg.timing_batch)
+
+    rows: list[dict[str, Any]] = []
+    server_model: Path | None = None
+    for name in cfg.methods:
+        row: dict[str, Any] = {"method": name, "paper": PAPER.get(name, {})}
+        tcfg = train_config(cfg, name, runs, server_model)
+        model_pt = tcfg.run_dir / "model.pt"
+        t0 = time.perf_counter()
+        if model_pt.is_file():
+            log(f"study: {name}: reusing {model_pt}")
+            row["train"] = json.loads((tcfg.run_dir / "summary.json").read_text())
+        else:
+            log(f"study: {name}: training {tcfg.run_dir}")
+            summary = Trainer(tcfg).fit(resume=True)
+            row["train"] = {"stages": summary["stages"], "seconds": round(time.perf_counter() - t0, 1),
+                            **{k: dataclasses.asdict(summary[k]) for k in ("before", "after") if k in summary}}
+            (tcfg.run_dir / "summary.json").write_text(json.dumps(row["train"], indent=2) + "\n")
+        if name == cfg.server_method:
+            server_model = model_pt
+        method = load_method(model_pt)
+        row["verification"] = verify(method, cfg)
+        row["cost"] = cost(method, timing_images)
+        log(f"study: {name}: acc {row['verification']['flip']['accuracy'] * 100:.2f} % (flip TTA), "
+            f"payload {row['cost']['payload_bytes']} B, client {row['cost']['client_ms']:.1f} ms, "
+            f"server {row['cost']['server_ms']:.1f} ms per image")  # fmt: skip
+        res_path = attack_dir / name / "result.json"
+        if res_path.is_file():
+            row["attack"] = json.loads(res_path.read_text())
+        else:
+            target = atk.resolve_target(str(model_pt))
+            target = dataclasses.replace(target, label=name) if dataclasses.is_dataclass(target) else target
+            row["attack"] = atk.run_attack(target, attack_train, attack_val, acfg, attack_dir, judge, judge_orig,
+                                           log=log)  # fmt: skip
+        rows.append(row)
+        (out / "study.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    atk.write_summary(attack_dir)
+    seconds = time.perf_counter() - t_study
+    log(f"study: done in {seconds / 60:.1f} min")
+    if cfg.report:
+        write_report(cfg, rows, Path(cfg.report), seconds, judge_orig)
+        log(f"study: wrote {cfg.report}")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _f(v: Any, spec: str, scale: float = 1.0) -> str:
+    return "–" if v is None else format(v * scale, spec)
+
+
+def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, seconds: float, judge_orig) -> None:
+    """docs/results.md: the table, the papers' figures, the pictures (copied next to the report), the command."""
+    pics = path.parent / (path.stem + "_pictures")
+    pics.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Results: all methods side by side (small scale, real faces)",
+        "",
+        "Measured by `ppfr study` in one run; rerun it with the command below on any image-folder dataset with a "
+        "pairs file. The papers' figures come from METHODS.md (IR-50 on MS1Mv2 for accuracy, LFW; a full-scale "
+        "U-Net recovery attack trained on BUPT for SSIM/PSNR). This study trains a narrow IR-18 for "
+        f"{cfg.epochs} epoch(s) per stage on a few thousand faces, so absolute accuracies are far lower: "
+        "compare methods with each other and with the unprotected `arcface` row.",
+        "",
+        "| method | acc % (10-fold, flip) | AUC | SSIM ↓ | PSNR dB ↓ | re-id acc % ↓ | payload B/img | client ms/img "
+        "| server ms/img | paper LFW % | paper SSIM / PSNR |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        v, c, a, p = r["verification"]["flip"], r["cost"], r.get("attack") or {}, r["paper"]
+        h = a.get("heldout", {})
+        reid = (a.get("reid") or {}).get("recovered")
+        paper_priv = f"{p['ssim']:.2f} / {p['psnr']:.2f}" if "ssim" in p else "–"
+        lines.append(
+            f"| {r['method']} | {v['accuracy'] * 100:.2f} ± {v['std'] * 100:.2f} | {v['auc']:.4f} | "
+            f"{_f(h.get('ssim_mean'), '.3f')} | {_f(h.get('psnr_mean'), '.2f')} | "
+            f"{_f(reid and reid['accuracy'], '.2f', 100)} | {c['payload_bytes']:,} | {c['client_ms']:.1f} | "
+            f"{c['server_ms']:.1f} | {_f(p.get('lfw'), '.2f')}{' (' + p['as'] + ')' if 'as' in p else ''} | "
+            f"{paper_priv} |"
+        )
+        grid = Path(cfg.out) / "attack" / r["method"] / "grid.png"
+        if grid.is_file():
+            shutil.copyfile(grid, pics / f"{r['method']}.png")
+    jo = f"{judge_orig.accuracy * 100:.2f} ± {judge_orig.std * 100:.2f} %" if judge_orig is not None else "n/a"
+    lines += [
+        "",
+        f"- Re-identification: 10-fold accuracy of the independent judge ({cfg.judge}) on the faces recovered from "
+        f"the payloads of {rows[0]['attack']['heldout']['images'] if rows and rows[0].get('attack') else '?'} "
+        f"held-out images (pairs subset); the judge on the original faces: {jo}. Chance is 50 %.",
+        "- SSIM (Wang et al. 2004, Gaussian 11, σ 1.5) and PSNR on [0, 1] between held-out faces and the attacker's "
+        "recovery; lower is more private. `arcface` sends the face itself (its row is the attack harness check).",
+        "- Client/server time: median over 3 batches of "
+        f"{cfg.timing_batch} images on this CPU with {torch.get_num_threads()} thread(s), CPU backends.",
+        "",
+        "## Training",
+        "",
+        "Verification accuracy without flip TTA before training (the same model, untrained) and after.",
+        "",
+        "| method | acc % untrained → trained | stages: loss first → last | images/s | train time |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        st = "; ".join(f"{s['stage']}: {s['loss_first']:.2f} → {s['loss_last']:.2f}" for s in r["train"]["stages"])
+        ips = ", ".join(f"{s['images_per_s']:.1f}" for s in r["train"]["stages"])
+        before = r["train"].get("before", {}).get("accuracy")
+        after = r["verification"]["plain"]["accuracy"]
+        lines.append(f"| {r['method']} | {_f(before, '.2f', 100)} → {after * 100:.2f} | {st} | {ips} | "
+                     f"{r['train'].get('seconds', 0) / 60:.1f} min |")  # fmt: skip
+    lines += ["", "## Pictures (original / payload / recovered)", ""]
+    for r in rows:
+        if (pics / f"{r['method']}.png").is_file():
+            lines.append(f"**{r['method']}**\n\n![{r['method']}]({pics.name}/{r['method']}.png)\n")
+    import ppfr
+
+    lines += [
+        "## How this was produced",
+        "",
+        "```",
+        "ppfr study " + " ".join(_argv(cfg)),
+        "```",
+        "",
+        f"Whole run: {seconds / 60:.1f} min on {platform.processor() or platform.machine()} with "
+        f"{torch.get_num_threads()} torch thread(s). Versions: ppfr {ppfr.__version__}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}.",
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+def _argv(cfg: StudyConfig) -> list[str]:
+    args = [f"--data {cfg.data}", f"--pairs {cfg.pairs}", f"--out {cfg.out}", f"--epochs {cfg.epochs}",
+            f"--attack-steps {cfg.attack_steps}"]  # fmt: skip
+    if cfg.report:
+        args.append(f"--report {cfg.report}")
+    if tuple(cfg.methods) != DEFAULT_METHODS:
+        args.append("--methods " + " ".join(cfg.methods))
+    return args
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    d = StudyConfig
+    ap = argparse.ArgumentParser(prog="ppfr study", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True, help="training image folder (identity sub-folders)")
+    ap.add_argument("--pairs", required=True, help="identity-disjoint pairs: 'fold same path_a path_b' per line")
+    ap.add_argument("--out", required=True, help="output folder (runs, attacks, study.json)")
+    ap.add_argument("--image-root", default=None, help="root of the pair paths (default: the pairs file's folder)")
+    ap.add_argument("--configs", default=d.configs, help="folder with <method>_tiny.yaml (default: configs)")
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    ap.add_argument("--epochs", type=int, default=d.epochs, help="epochs per training stage")
+    ap.add_argument("--attack-steps", type=int, default=d.attack_steps)
+    ap.add_argument("--attack-train-images", type=int, default=d.attack_train_images)
+    ap.add_argument("--attack-pairs", type=int, default=d.attack_pairs)
+    ap.add_argument("--judge", default=d.judge, help="faceapi | none | a model.pt")
+    ap.add_argument("--judge-dir", default=None, help="face-api weights folder (default ../shared/models/faceapi)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs)")
+    ap.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the configs')")
+    ap.add_argument("--report", default=None, help="write the Markdown report here (e.g. docs/results.md)")
+    a = ap.parse_args(argv)
+    try:
+        cfg = StudyConfig(data=a.data, pairs=a.pairs, out=a.out, image_root=a.image_root, configs=a.configs,
+                          methods=tuple(a.methods), epochs=a.epochs, attack_steps=a.attack_steps,
+                          attack_train_images=a.attack_train_images, attack_pairs=a.attack_pairs, judge=a.judge,
+                          judge_dir=a.judge_dir, threads=a.threads, report=a.report,
+                          max_steps_per_epoch=a.max_steps_per_epoch, batch_size=a.batch_size)  # fmt: skip
+    except ValueError as exc:
+        print(f"ppfr study: {exc}", file=sys.stderr)
+        return 2
+    run_study(cfg)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("study", help="train, evaluate and attack every method on one dataset; write a report",
+                       add_help=False)  # fmt: skip
+    p.add_argument("study_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: main(a.study_args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
