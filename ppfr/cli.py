@@ -143,7 +143,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # Verbs that live with their layer: each module has ``register(subparsers)`` adding its parser(s) with
 # ``set_defaults(func=...)``. Imported lazily by ``main`` so ``ppfr info`` never pays for them.
-VERB_MODULES: tuple[str, ...] = ("ppfr.data.cli", "ppfr.train.trainer")
+VERB_MODULES: tuple[str, ...] = ("ppfr.data.cli", "ppfr.train.trainer", "ppfr.eval.cli", "ppfr.deploy.cli",
+                                 "ppfr.deploy.serve", "ppfr.deploy.client", "ppfr.study", "ppfr.eval.attack")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton", "cuda"])
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(func=cmd_demo)
-    args = ap.parse_args(argv)
+    # Verbs that parse their own arguments take them as an argparse.REMAINDER named ``<verb>_args``. REMAINDER
+    # does not capture an option in first position (``ppfr train -h``), so leftovers are handed to that verb.
+    args, extra = ap.parse_known_args(argv)
+    if extra:
+        key = f"{args.verb}_args"
+        if not isinstance(getattr(args, key, None), list):
+            ap.error(f"unrecognized arguments: {' '.join(extra)}")
+        setattr(args, key, extra + getattr(args, key))
     return args.func(args)
 
 

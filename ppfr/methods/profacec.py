@@ -104,7 +104,13 @@ class ProFaceC(Method):
         """-> image (blurred, B x 3 x 112 x 112 in [-1, 1]) and aux0..3 compensation maps (aux0 block-shuffled)."""
         self.check_images(images)
         blurred = self.blur(images, generator)
-        _, taps = self.client(images.float() - blurred)
+        aux = self.compensation(images.float() - blurred)
+        return Payload(self.name, {"image": blurred.clamp(-1, 1), **{f"aux{i}": a for i, a in enumerate(aux)}})
+
+    def compensation(self, residual: torch.Tensor) -> list[torch.Tensor]:
+        """The client network: R = X - blur(X) (B, 3, H, W) in [-2, 2] -> aux0..3 (aux0 block-shuffled, then
+        optional pruning / fake quantization). Split from ``protect`` so the network exports on its own."""
+        _, taps = self.client(residual)
         aux = [iface(t) for iface, t in zip(self.interfaces, taps)]
         o = self.options
         aux[0] = block_channel_shuffle(aux[0], self.shuffle_perm, o.shuffle_block)
@@ -112,7 +118,7 @@ class ProFaceC(Method):
             aux = [prune(a, o.keep_ratio) for a in aux]
         if o.bits is not None:
             aux = [_fake_quant(a, o.bits) for a in aux]
-        return Payload(self.name, {"image": blurred.clamp(-1, 1), **{f"aux{i}": a for i, a in enumerate(aux)}})
+        return aux
 
     def _server_input(self, images: torch.Tensor) -> torch.Tensor:
         return images.flip(1) if self.options.server_bgr else images

@@ -179,7 +179,8 @@ def _prune_k(x: torch.Tensor, k: int) -> torch.Tensor:
         return x.clone()
     if k == 0:
         return torch.zeros_like(x)
-    thr = flat.abs().kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values
+    # the k-th largest magnitude; topk rather than kthvalue because kthvalue has no ONNX counterpart (export)
+    thr = flat.abs().topk(k, dim=1).values[:, -1:]
     return torch.where(flat.abs() >= thr, flat, torch.zeros_like(flat)).reshape(x.shape)
 
 

@@ -1,0 +1,363 @@
+"""The recognition client: protect faces locally, send only the payload; the wire format; ``ppfr client``.
+
+The client loads the method from the trained ``model.pt`` (its client half: the frequency transform, DuetFace's and
+PRO-Face C's client networks), reads aligned 112x112 RGB faces, runs ``method.protect`` and sends the resulting
+payload to ``ppfr serve``. The image never leaves the machine (except for the unprotected ``arcface`` baseline,
+whose payload *is* the image).
+
+Wire format (JSON, no pickle anywhere)::
+
+    {"method": "partialface", "schema_version": 1,
+     "tensors": {"dct": {"dtype": "float32", "shape": [1, 27, 112, 112], "data": "<base64 of the raw bytes>"}}}
+
+``data`` is the tensor's C-order bytes, little-endian, standard base64 (RFC 4648 with padding). ``decode_payload``
+checks everything a peer controls (types, dtype names, shapes against the byte count) before allocating anything.
+
+Randomness: PartialFace draws a random rank per image and MinusFace a random shuffle; that randomness is part of
+the protection. ``Client``/``protect_images`` therefore seed ``protect`` from the OS (``secrets``) unless a seed is
+given. A fixed seed makes payloads reproducible (tests, benchmarks) and should not be used in deployment.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+# dtype names accepted on the wire -> little-endian numpy dtypes. Only plain numeric types: no object arrays.
+WIRE_DTYPES: dict[str, np.dtype] = {n: np.dtype(n).newbyteorder("<") for n in (
+    "float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")}  # fmt: skip
+MAX_RANK = 8
+
+
+class WireError(ValueError):
+    """A message that does not follow the wire format (the message says what is wrong)."""
+
+
+def encode_tensor(a: Any) -> dict:
+    """A numpy array or torch tensor -> {"dtype", "shape", "data"} with little-endian base64 bytes."""
+    if hasattr(a, "detach"):  # torch.Tensor, without importing torch here
+        a = a.detach().cpu().contiguous().numpy()
+    a = np.asarray(a)
+    if a.dtype.name not in WIRE_DTYPES:
+        raise WireError(f"dtype {a.dtype} cannot be sent; wire dtypes: {sorted(WIRE_DTYPES)}")
+    le = np.ascontiguousarray(a, dtype=WIRE_DTYPES[a.dtype.name])
+    return {"dtype": a.dtype.name, "shape": list(a.shape), "data": base64.b64encode(le.tobytes()).decode("ascii")}
+
+
+def decode_tensor(obj: Any, where: str = "tensor") -> np.ndarray:
+    """The inverse of encode_tensor, refusing anything malformed with a WireError naming ``where``."""
+    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
+        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise WireError(f"{where} must be an object with exactly dtype, shape, data; got {got}")
+    dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
+        raise WireError(f"{where}: dtype must be one of {sorted(WIRE_DTYPES)}, got {dtype!r}")
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_RANK
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape)):  # fmt: skip
+        raise WireError(f"{where}: shape must be a list of 1..{MAX_RANK} non-negative integers, got {shape!r}")
+    if not isinstance(data, str):
+        raise WireError(f"{where}: data must be a base64 string")
+    dt = WIRE_DTYPES[dtype]
+    expected = int(np.prod(shape, dtype=object)) * dt.itemsize
+    # base64 length is fixed by the byte count: check it before decoding (no allocation for a lying shape)
+    if len(data) != 4 * ((expected + 2) // 3):
+        raise WireError(f"{where}: {dtype} {shape} needs {expected} bytes, the base64 data has a different length")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except ValueError as exc:
+        raise WireError(f"{where}: data is not valid base64 ({exc})") from None
+    if len(raw) != expected:
+        raise WireError(f"{where}: {dtype} {shape} needs {expected} bytes, got {len(raw)}")
+    # bytearray: a writable buffer (torch.from_numpy and in-place consumers refuse read-only arrays)
+    return np.frombuffer(bytearray(raw), dtype=dt).reshape(shape).astype(dt.newbyteorder("="), copy=False)
+
+
+def encode_payload(payload: Any) -> dict:
+    """A ``ppfr.methods.Payload`` -> its wire object."""
+    return {"method": payload.method, "schema_version": int(payload.schema_version),
+            "tensors": {k: encode_tensor(v) for k, v in payload.tensors.items()}}  # fmt: skip
+
+
+def decode_payload(obj: Any) -> tuple[str, int, dict[str, np.ndarray]]:
+    """A wire object -> (method, schema_version, {name: array}); WireError if malformed (not checked: the spec)."""
+    if not isinstance(obj, dict) or set(obj) != {"method", "schema_version", "tensors"}:
+        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise WireError(f"payload must be an object with exactly method, schema_version, tensors; got {got}")
+    method, version, tensors = obj["method"], obj["schema_version"], obj["tensors"]
+    if not isinstance(method, str):
+        raise WireError("payload method must be a string")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise WireError("payload schema_version must be an integer")
+    if not isinstance(tensors, dict) or not tensors:
+        raise WireError("payload tensors must be a non-empty object")
+    return method, version, {str(k): decode_tensor(v, f"payload tensor {k!r}") for k, v in tensors.items()}
+
+
+# ------------------------------------------------------------------------------------------------ images
+def read_faces(paths: list[str | Path], size: int = 112) -> Any:
+    """Aligned RGB faces -> (N, 3, size, size) float32 torch tensor in [-1, 1].
+
+    Faces must already be aligned crops of ``size`` x ``size`` (the 5-point ArcFace template); they are not resized,
+    since a resize of an unaligned photo would silently give meaningless embeddings.
+    """
+    import torch
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    raise ValueError(f"{p}: expected an aligned {size}x{size} face, got {im.size[0]}x{im.size[1]}")
+                arr = np.asarray(im, dtype=np.float32)
+        except OSError as exc:
+            raise ValueError(f"{p}: cannot read the image ({exc})") from None
+        out.append(torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1)
+    if not out:
+        raise ValueError("no images given")
+    return torch.stack(out)
+
+
+def protect_images(method: Any, images: Any, seed: int | None = None) -> Any:
+    """``method.protect`` in inference mode with an explicit generator: seeded from the OS unless ``seed`` is given.
+
+    (torch's default generator starts from the same seed in every process, so relying on it would give every
+    client the same PartialFace ranks / MinusFace shuffles.)
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else int(seed))
+    with torch.inference_mode():
+        return method.protect(images, generator=g)
+
+
+# ------------------------------------------------------------------------------------------------- client
+class ServerError(RuntimeError):
+    """The server answered with an error status; ``status`` is the HTTP code, the message the server's."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        # http.client sends a large body after the headers in separate writes: with Nagle on, the body's last
+        # segment waits for the server's delayed ACK (~40 ms per request).
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Client:
+    """HTTP client of ``ppfr serve``. Thread-safe: each thread keeps its own keep-alive connection.
+
+    ``Client(url, token).enrol(name, payload)`` where ``payload`` is a ``Payload`` (from ``method.protect``) or an
+    already encoded wire object. Errors raise ServerError with the server's message.
+    """
+
+    def __init__(self, url: str, token: str, timeout: float = 60.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"server URL must be http(s)://host:port, got {url!r}")
+        self.scheme, self.host = parts.scheme, parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.prefix = parts.path.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def _conn(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            cls = _HTTPSConnection if self.scheme == "https" else _HTTPConnection
+            conn = self._local.conn = cls(self.host, self.port, timeout=self.timeout)
+            self._local.used = False
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def request(self, method: str, path: str, body: dict | bytes | None = None, auth: bool = True) -> dict:
+        """One JSON request (``body``: an object, or JSON already encoded to bytes, e.g. to send one probe many
+        times); returns the decoded JSON answer or raises ServerError."""
+        data = body if body is None or isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
+        headers = {"Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if auth:
+            headers["Authorization"] = f"Bearer {self.token}"
+        for attempt in (0, 1):
+            conn = self._conn()
+            reused = self._local.used
+            try:
+                try:
+                    conn.request(method, self.prefix + path, body=data, headers=headers)
+                except (BrokenPipeError, ConnectionResetError) as send_error:
+                    # The server may refuse a request (413) before reading its body and close: its answer can
+                    # still be waiting in the socket, and says more than "broken pipe".
+                    try:
+                        resp = conn.getresponse()
+                    except Exception:
+                        raise send_error from None
+                else:
+                    resp = conn.getresponse()
+                raw = resp.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.close()
+                # A kept-alive connection the server already closed (idle timeout): the request was never
+                # processed, so sending it once more on a fresh connection is safe. A fresh one failing is real.
+                if reused and attempt == 0:
+                    continue
+                raise
+            except Exception:
+                self.close()
+                raise
+            self._local.used = True
+            if resp.getheader("Connection", "").lower() == "close":
+                self.close()
+            break
+        try:
+            answer = json.loads(raw) if raw else {}
+        except json.JSONDecodeError:
+            answer = {"error": raw[:200].decode("utf-8", "replace")}
+        if resp.status >= 400:
+            raise ServerError(resp.status, answer.get("error", "") if isinstance(answer, dict) else str(answer))
+        return answer
+
+    @staticmethod
+    def _wire(payload: Any) -> dict:
+        return payload if isinstance(payload, dict) else encode_payload(payload)
+
+    def health(self) -> dict:
+        return self.request("GET", "/health", auth=False)
+
+    def info(self) -> dict:
+        return self.request("GET", "/v1/info")
+
+    def identities(self) -> dict[str, int]:
+        return self.request("GET", "/v1/identities")["identities"]
+
+    def enrol(self, name: str, payload: Any) -> dict:
+        """Add every sample of ``payload`` as an embedding of ``name``: {"name", "added", "embeddings"}."""
+        return self.request("POST", "/v1/enrol", {"name": name, "payload": self._wire(payload)})
+
+    def verify(self, name: str, payload: Any) -> dict:
+        """One probe against ``name``: {"name", "score", "match", "threshold"}."""
+        return self.request("POST", "/v1/verify", {"name": name, "payload": self._wire(payload)})
+
+    def identify(self, payload: Any, top_k: int = 5) -> dict:
+        """One probe against the gallery: {"candidates": [{"name", "score"}...], "match", "threshold"}."""
+        return self.request("POST", "/v1/identify", {"payload": self._wire(payload), "top_k": top_k})
+
+    def remove(self, name: str) -> dict:
+        return self.request("POST", "/v1/remove", {"name": name})
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def read_token(token: str | None, token_file: str | None) -> str:
+    """--token, else --token-file (first line), else $PPFR_TOKEN; an error if none is given."""
+    if token and token_file:
+        raise SystemExit("give --token or --token-file, not both")
+    if token_file:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SystemExit(f"cannot read --token-file: {exc}") from None
+    token = token or os.environ.get("PPFR_TOKEN", "")
+    if not token:
+        raise SystemExit("an access token is required: --token-file FILE (preferred), --token or $PPFR_TOKEN")
+    return token
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="ppfr client",
+                                 description="protect local faces and send only the payload to a ppfr server")
+    ap.add_argument("model", help="the trained model.pt (the client half of the method is loaded from it)")
+    ap.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8080")
+    ap.add_argument("--token", default=None, help="access token (visible in the process list; prefer --token-file)")
+    ap.add_argument("--token-file", default=None, help="file whose first line is the access token")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="seed protect's randomness (reproducible payloads; for tests only, weakens protection)")
+    ap.add_argument("--timeout", type=float, default=60.0)
+    cmd = ap.add_subparsers(dest="action", required=True)
+    p = cmd.add_parser("enrol", help="enrol aligned 112x112 face image(s) under NAME")
+    p.add_argument("name")
+    p.add_argument("images", nargs="+")
+    p = cmd.add_parser("verify", help="is IMAGE the enrolled identity NAME?")
+    p.add_argument("name")
+    p.add_argument("image")
+    p = cmd.add_parser("identify", help="rank the enrolled identities for IMAGE")
+    p.add_argument("image")
+    p.add_argument("--top-k", type=int, default=5)
+    cmd.add_parser("list", help="list the enrolled identities")
+    p = cmd.add_parser("remove", help="delete an enrolled identity")
+    p.add_argument("name")
+    args = ap.parse_args(argv)
+
+    from ppfr.methods import load_method
+    from ppfr.models.checkpoints import CheckpointError
+
+    client = Client(args.server, read_token(args.token, args.token_file), timeout=args.timeout)
+    try:
+        if args.action in ("list", "remove"):
+            out = client.identities() if args.action == "list" else client.remove(args.name)
+        else:
+            try:
+                method = load_method(args.model)
+            except CheckpointError as exc:
+                print(f"ppfr client: {exc}", file=sys.stderr)
+                return 2
+            size = getattr(method.options, "image_size", 112)
+            paths = args.images if args.action == "enrol" else [args.image]
+            try:
+                payload = protect_images(method, read_faces(paths, size), args.seed)
+            except ValueError as exc:
+                print(f"ppfr client: {exc}", file=sys.stderr)
+                return 2
+            if args.action == "enrol":
+                out = client.enrol(args.name, payload)
+            elif args.action == "verify":
+                out = client.verify(args.name, payload)
+            else:
+                out = client.identify(payload, args.top_k)
+    except ServerError as exc:
+        print(f"ppfr client: server refused: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"ppfr client: cannot reach {args.server}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    return 0
+
+
+def register(sub) -> None:
+    import argparse
+
+    p = sub.add_parser("client", help="protect faces locally and enrol/verify/identify them on a ppfr server",
+                       add_help=False)  # fmt: skip
+    p.add_argument("client_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: main(a.client_args))

@@ -1,0 +1,790 @@
+"""``ppfr serve``: the recognition server. Clients send protected payloads, never images; the server embeds them with
+an exported or eager runner and enrols / verifies / identifies against a persistent gallery.
+
+Stdlib only (``http.server.ThreadingHTTPServer``): the server's cost is the model, not HTTP parsing, and no web
+framework is needed for five JSON endpoints.
+
+Endpoints (JSON; the payload wire format is in ``ppfr.deploy.client``)::
+
+    GET  /health                                    no auth; {"status": "ok"} (503 "draining" while stopping)
+    GET  /v1/info                                   method, payload spec, backend, embedding size, limits, gallery size
+    GET  /v1/identities                             {"identities": {name: number of embeddings}}
+    POST /v1/enrol     {"name", "payload"}          every sample becomes an embedding of name
+    POST /v1/verify    {"name", "payload"}          one probe: {"score", "match", "threshold"}
+    POST /v1/identify  {"payload", "top_k"}         one probe: ranked {"candidates": [{"name", "score"}], "match"}
+    POST /v1/remove    {"name"}                     delete an identity
+
+Request path: token check (``Authorization: Bearer``, constant-time; 401) -> size limit from Content-Length before
+reading the body (413) -> JSON and payload checks against the runner's input spec: method, schema version, tensor
+names, per-sample shape, dtype, finite values inside the spec's range (400, with a message) -> a bounded work queue
+(503 when full) -> one batching worker thread that collects up to ``max_batch`` samples or waits ``max_delay_ms``
+after the oldest, makes one ``runner.run`` call and answers every request of the batch. Errors change nothing: all
+checks happen before the queue, and enrolments are applied (and saved) only after inference succeeded.
+
+Shutdown (SIGTERM / SIGINT / ``close()``): stop accepting, let in-flight requests finish (the worker drains the
+queue), close idle keep-alive connections, then exit. The gallery is saved on every change, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import logging
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from ppfr.deploy.client import WireError, decode_payload, read_token
+from ppfr.deploy.gallery import Gallery, GalleryError, check_name
+
+log = logging.getLogger("ppfr.serve")
+
+DEFAULT_THRESHOLD = 0.3
+MAX_TOP_K = 100
+
+
+@dataclass
+class ServeConfig:
+    """Server limits and policy (the ``ppfr serve`` flags)."""
+
+    max_batch: int = 32  # samples per runner.run call
+    max_delay_ms: float = 5.0  # how long the oldest queued request may wait for a batch to fill
+    queue_size: int = 256  # queued requests beyond which the server answers 503
+    max_request_bytes: int | None = None  # None: 16 payload samples (base64) + 64 KiB, from the input spec
+    threshold: float = DEFAULT_THRESHOLD  # cosine similarity at or above which verify/identify report a match
+    max_connections: int = 128  # concurrent connections; each may hold one request body in memory
+    request_timeout: float = 60.0  # how long a request may wait for the worker before 503
+    idle_timeout: float = 15.0  # keep-alive connections idle (or stalled mid-request) longer are closed
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "queue_size", "max_connections"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_delay_ms", "idle_timeout"):  # idle_timeout 0 = never time out
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.request_timeout > 0:
+            raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
+        if self.max_request_bytes is not None and self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+
+
+class RequestError(Exception):
+    """An HTTP error answer: status and a message for the client."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+def _numpy_dtype(torch_dtype: Any) -> np.dtype:
+    name = str(torch_dtype).removeprefix("torch.")
+    try:
+        return np.dtype(name)
+    except TypeError:
+        raise ValueError(f"payload dtype {torch_dtype} has no numpy/wire equivalent") from None
+
+
+# ---------------------------------------------------------------------------------------------------- jobs
+@dataclass
+class _Job:
+    """One validated request waiting for the worker. The state machine pending -> claimed | cancelled is guarded
+    by ``lock`` so a request that timed out in the queue is never applied after its client was told it failed."""
+
+    kind: str  # enrol | verify | identify
+    inputs: dict[str, np.ndarray]
+    n: int
+    name: str = ""
+    top_k: int = 1
+    enqueued: float = field(default_factory=time.monotonic)
+    state: str = "pending"
+    result: dict | None = None
+    error: RequestError | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def claim(self) -> bool:
+        with self.lock:
+            if self.state != "pending":
+                return False
+            self.state = "claimed"
+            return True
+
+    def cancel(self) -> bool:
+        with self.lock:
+            if self.state != "pending":
+                return False
+            self.state = "cancelled"
+            return True
+
+    def finish(self, result: dict | None = None, error: RequestError | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+
+class BatchingWorker:
+    """One thread that turns queued requests into batched ``runner.run`` calls and answers them."""
+
+    def __init__(self, runner: Any, gallery: Gallery, config: ServeConfig) -> None:
+        self.runner, self.gallery, self.config = runner, gallery, config
+        self.queue: queue.Queue[_Job] = queue.Queue(maxsize=config.queue_size)
+        self._carry: _Job | None = None  # a job that did not fit the previous batch: first of the next one
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ppfr-serve-worker", daemon=True)
+        self.batches = 0
+        self.samples = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: _Job) -> dict:
+        """Queue ``job`` and wait for its answer; RequestError on overload, timeout or failure."""
+        if self._closing.is_set():
+            raise RequestError(503, "server is shutting down", {"Retry-After": "1"})
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise RequestError(503, f"server busy: {self.config.queue_size} requests queued; retry later",
+                               {"Retry-After": "1"}) from None  # fmt: skip
+        if not job.done.wait(self.config.request_timeout):
+            if job.cancel():  # still queued: it will be skipped, nothing happens
+                raise RequestError(503, f"request waited {self.config.request_timeout:.0f} s in the queue; retry later",
+                                   {"Retry-After": "1"})  # fmt: skip
+            job.done.wait()  # already being processed: the answer is moments away
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new jobs, answer every queued one, then end the thread."""
+        self._closing.set()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------------------------------ the thread
+    def _next(self, timeout: float) -> _Job | None:
+        if self._carry is not None:
+            job, self._carry = self._carry, None
+            return job
+        try:
+            return self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _loop(self) -> None:
+        while True:
+            first = self._next(0.05)
+            if first is None:
+                if self._closing.is_set() and self.queue.empty():
+                    return
+                continue
+            batch, n = [first], first.n
+            # The delay counts from when the oldest request arrived, so requests that queued while the worker was
+            # busy are not made to wait again.
+            deadline = first.enqueued + self.config.max_delay_ms / 1e3
+            while n < self.config.max_batch:
+                job = self._next(deadline - time.monotonic())
+                if job is None:
+                    break
+                if n + job.n > self.config.max_batch:
+                    self._carry = job
+                    break
+                batch.append(job)
+                n += job.n
+            try:
+                self._process(batch)
+            except Exception as exc:  # never let the worker die: every request of the batch gets the error
+                log.exception("batch failed")
+                for job in batch:
+                    if not job.done.is_set():
+                        job.finish(error=RequestError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
+    def _process(self, batch: list[_Job]) -> None:
+        jobs = [j for j in batch if j.claim()]  # cancelled (timed-out) requests are dropped here
+        if not jobs:
+            return
+        keys = list(jobs[0].inputs)
+        inputs = jobs[0].inputs if len(jobs) == 1 else {k: np.concatenate([j.inputs[k] for j in jobs]) for k in keys}
+        total = sum(j.n for j in jobs)
+        try:
+            emb = np.asarray(self.runner.run(inputs), dtype=np.float32)
+            if emb.shape != (total, self.runner.embedding_size) or not np.all(np.isfinite(emb)):
+                raise RuntimeError(f"runner returned {emb.shape} (finite: {bool(np.all(np.isfinite(emb)))}), "
+                                   f"expected finite ({total}, {self.runner.embedding_size})")  # fmt: skip
+        except Exception as exc:
+            log.exception("inference failed")
+            for j in jobs:
+                j.finish(error=RequestError(500, f"inference failed: {type(exc).__name__}: {exc}"))
+            return
+        self.batches += 1
+        self.samples += total
+        offsets = np.cumsum([0] + [j.n for j in jobs])
+        parts = [emb[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        thr = self.config.threshold
+        # Requests of one batch are concurrent (none has been answered), so applying every enrolment first and
+        # then answering the searches is a valid serial order, and costs one gallery save per batch.
+        enrols = [(j, e) for j, e in zip(jobs, parts) if j.kind == "enrol"]
+        if enrols:
+            try:
+                counts = self.gallery.enrol_many([(j.name, e) for j, e in enrols])
+            except Exception as exc:  # e.g. the disk is full: the gallery (memory and file) is unchanged
+                log.exception("enrolment failed")
+                for j, _ in enrols:
+                    j.finish(error=RequestError(500, f"enrolment not saved: {type(exc).__name__}: {exc}"))
+            else:
+                for (j, e), c in zip(enrols, counts):
+                    j.finish({"name": j.name, "added": int(e.shape[0]), "embeddings": c})
+        searches = [(j, e) for j, e in zip(jobs, parts) if j.kind == "identify"]
+        if searches:
+            ranked = self.gallery.search(np.concatenate([e for _, e in searches]), max(j.top_k for j, _ in searches))
+            for (j, _), cands in zip(searches, ranked):
+                cands = cands[: j.top_k]
+                best = cands[0] if cands and cands[0].score >= thr else None
+                j.finish({"candidates": [{"name": c.name, "score": c.score} for c in cands],
+                          "match": best.name if best else None, "threshold": thr})  # fmt: skip
+        for j, e in zip(jobs, parts):
+            if j.kind == "verify":
+                try:
+                    score = float(self.gallery.verify(j.name, e)[0])
+                except KeyError:  # removed while the request was queued
+                    j.finish(error=RequestError(404, f"identity {j.name!r} is not enrolled"))
+                    continue
+                j.finish({"name": j.name, "score": score, "match": score >= thr, "threshold": thr})
+
+
+# ------------------------------------------------------------------------------------------------- service
+class RecognitionService:
+    """The endpoints, independent of HTTP: checks requests against the runner's spec and talks to the worker."""
+
+    ROUTES: dict[str, tuple[str, bool]] = {  # path -> (HTTP method, needs auth)
+        "/health": ("GET", False), "/v1/info": ("GET", True), "/v1/identities": ("GET", True),
+        "/v1/enrol": ("POST", True), "/v1/verify": ("POST", True), "/v1/identify": ("POST", True),
+        "/v1/remove": ("POST", True),
+    }  # fmt: skip
+
+    def __init__(self, runner: Any, gallery: Gallery, token: str, config: ServeConfig | None = None) -> None:
+        if not token:
+            raise ValueError("an access token is required (the server never runs unauthenticated)")
+        self.runner, self.gallery = runner, gallery
+        # a copy: the defaults filled in below depend on this runner, and a caller may reuse its config
+        self.config = dataclasses.replace(config) if config is not None else ServeConfig()
+        self._token = token.encode("utf-8")
+        from ppfr.methods.base import SCHEMA_VERSION
+
+        self.schema_version = SCHEMA_VERSION
+        self.spec = {k: (tuple(s.shape), _numpy_dtype(s.dtype), s.low, s.high) for k, s in runner.input_spec.items()}
+        sample_bytes = sum(int(np.prod(shape)) * dt.itemsize for shape, dt, _, _ in self.spec.values())
+        self.sample_wire_bytes = 4 * ((sample_bytes + 2) // 3)
+        if self.config.max_request_bytes is None:
+            self.config.max_request_bytes = 16 * self.sample_wire_bytes + 64 * 1024
+        # A TensorRT engine has a largest batch (its optimisation profile): batches and requests must fit in it.
+        self.max_samples = getattr(runner, "max_batch_size", None)
+        if self.max_samples is not None and self.config.max_batch > self.max_samples:
+            log.warning("max_batch %d > the runner's maximum batch %d: using %d", self.config.max_batch,
+                        self.max_samples, self.max_samples)  # fmt: skip
+            self.config.max_batch = self.max_samples
+        self.worker = BatchingWorker(runner, gallery, self.config)
+        self.draining = False
+
+    def start(self) -> None:
+        self.worker.start()
+
+    def authorized(self, header: str | None) -> bool:
+        """Constant-time comparison of a ``Bearer`` token (no early exit revealing a matching prefix)."""
+        scheme, _, value = (header or "").strip().partition(" ")
+        if scheme.lower() != "bearer":  # the auth scheme is case-insensitive (RFC 9110)
+            return False
+        return hmac.compare_digest(value.strip().encode("utf-8"), self._token)
+
+    # ---------------------------------------------------------------------------------------------- checks
+    def check_payload(self, obj: Any, single: bool) -> tuple[dict[str, np.ndarray], int]:
+        """A wire payload -> (inputs for runner.run, batch size), or RequestError(400) saying what is wrong."""
+        method_name = self.runner.method
+        if obj is None:
+            raise RequestError(400, f"missing 'payload': send a protected {method_name} payload (see ppfr client)")
+        try:
+            method, version, tensors = decode_payload(obj)
+        except WireError as exc:
+            raise RequestError(400, f"malformed payload: {exc}") from None
+        if method != method_name:
+            raise RequestError(400, f"payload is for method {method!r}, this server runs {method_name!r}")
+        if version != self.schema_version:
+            raise RequestError(400, f"payload schema version {version} != {self.schema_version}")
+        if set(tensors) != set(self.spec):
+            hint = ""
+            if any(a.ndim == 4 and a.shape[1] == 3 for a in tensors.values()):
+                hint = " (this looks like an RGB image: protect it on the client with the method's protect)"
+            raise RequestError(400, f"{method_name} payload must hold tensors {sorted(self.spec)}, "
+                                    f"got {sorted(tensors)}{hint}")  # fmt: skip
+        b = None
+        for name, (shape, dtype, low, high) in self.spec.items():
+            a = tensors[name]
+            if a.dtype != dtype or tuple(a.shape[1:]) != shape:
+                hint = " (an RGB image is not a payload)" if a.ndim == 4 and a.shape[1] == 3 and shape[0] != 3 else ""
+                raise RequestError(400, f"{method_name} payload {name!r} must be (B, {', '.join(map(str, shape))}) "
+                                        f"{dtype}, got {tuple(a.shape)} {a.dtype}{hint}")  # fmt: skip
+            if b is not None and a.shape[0] != b:
+                raise RequestError(400, f"{method_name} payload tensors disagree on the batch size")
+            b = a.shape[0]
+            if a.dtype.kind == "f":
+                if not np.isfinite(a).all():
+                    raise RequestError(400, f"{method_name} payload {name!r} has NaN or infinite values")
+            # the same tolerance as Payload.validate, so the server accepts exactly what recognize accepts
+            if low is not None and a.size and float(a.min()) < low - 1e-6:
+                raise RequestError(400, f"{method_name} payload {name!r} has values below {low}")
+            if high is not None and a.size and float(a.max()) > high + 1e-6:
+                raise RequestError(400, f"{method_name} payload {name!r} has values above {high}")
+        assert b is not None
+        if b < 1:
+            raise RequestError(400, "payload has no samples (batch size 0)")
+        if single and b != 1:
+            raise RequestError(400, f"send one probe per request (batch size 1), got {b}")
+        if self.max_samples is not None and b > self.max_samples:
+            raise RequestError(400, f"at most {self.max_samples} samples per request on this runner, got {b}")
+        return tensors, b
+
+    @staticmethod
+    def _fields(body: Any, required: set[str], optional: set[str] = frozenset()) -> dict:
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        missing, unknown = required - set(body), set(body) - required - optional
+        if missing or unknown:
+            raise RequestError(400, f"expected fields {sorted(required)}"
+                                    + (f" (optional {sorted(optional)})" if optional else "")
+                                    + f"; missing {sorted(missing)}, unknown {sorted(unknown)}")  # fmt: skip
+        return body
+
+    @staticmethod
+    def _name(body: dict) -> str:
+        try:
+            return check_name(body["name"])
+        except ValueError as exc:
+            raise RequestError(400, str(exc)) from None
+
+    # -------------------------------------------------------------------------------------------- endpoints
+    def handle(self, path: str, body: Any) -> dict:
+        """Answer an authorised, parsed request to ``path`` (RequestError otherwise)."""
+        if path == "/health":
+            if self.draining:
+                raise RequestError(503, "draining")
+            return {"status": "ok"}
+        if path == "/v1/info":
+            return self.info()
+        if path == "/v1/identities":
+            return {"identities": self.gallery.identities()}
+        if path == "/v1/enrol":
+            b = self._fields(body, {"name", "payload"})
+            name = self._name(b)
+            inputs, n = self.check_payload(b["payload"], single=False)
+            return self.worker.submit(_Job("enrol", inputs, n, name=name))
+        if path == "/v1/verify":
+            b = self._fields(body, {"name", "payload"})
+            name = self._name(b)
+            inputs, n = self.check_payload(b["payload"], single=True)
+            if name not in self.gallery:  # before inference: an unknown name costs nothing
+                raise RequestError(404, f"identity {name!r} is not enrolled")
+            return self.worker.submit(_Job("verify", inputs, n, name=name))
+        if path == "/v1/identify":
+            b = self._fields(body, {"payload"}, {"top_k"})
+            top_k = b.get("top_k", 5)
+            if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
+                raise RequestError(400, f"top_k must be an integer in 1..{MAX_TOP_K}, got {top_k!r}")
+            inputs, n = self.check_payload(b["payload"], single=True)
+            return self.worker.submit(_Job("identify", inputs, n, top_k=top_k))
+        if path == "/v1/remove":
+            name = self._name(self._fields(body, {"name"}))
+            try:
+                removed = self.gallery.remove(name)
+            except KeyError:
+                raise RequestError(404, f"identity {name!r} is not enrolled") from None
+            return {"name": name, "removed": removed}
+        raise RequestError(404, f"no endpoint {path}")
+
+    def info(self) -> dict:
+        return {
+            "method": self.runner.method,
+            "schema_version": self.schema_version,
+            "backend": self.runner.backend,
+            "embedding_size": self.runner.embedding_size,
+            "input_spec": {k: {"shape": list(shape), "dtype": dt.name, "low": low, "high": high}
+                           for k, (shape, dt, low, high) in self.spec.items()},  # fmt: skip
+            "threshold": self.config.threshold,
+            "max_batch": self.config.max_batch,
+            "max_request_bytes": self.config.max_request_bytes,
+            "gallery": {"identities": len(self.gallery), "embeddings": self.gallery.num_embeddings},
+        }
+
+
+# ---------------------------------------------------------------------------------------------------- HTTP
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"BM", b"RIFF")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: a client sending many requests reuses its connection
+    # Headers and body go out in two writes; with Nagle on, the second waits for the client's delayed ACK (40 ms
+    # per request on Linux loopback).
+    disable_nagle_algorithm = True
+    server_version = "ppfr-serve"
+    sys_version = ""
+    server: _HTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.service.config.idle_timeout or None)
+        self.server.track(self.connection, busy=False)
+
+    def log_message(self, format: str, *args: Any) -> None:  # never logs headers (the token)
+        log.info("%s %s", self.address_string(), format % args)
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def _dispatch(self, verb: str) -> None:
+        self.server.track(self.connection, busy=True)
+        service = self.server.service
+        self._unread = self._declared_length()  # body bytes not yet read; None = unknown (no usable length)
+        try:
+            path = urlsplit(self.path).path
+            route = service.ROUTES.get(path)
+            if route is None:
+                raise RequestError(404, f"no endpoint {path}; see GET /v1/info")
+            if route[0] != verb:
+                raise RequestError(405, f"{path} takes {route[0]}, not {verb}", {"Allow": route[0]})
+            if route[1] and not service.authorized(self.headers.get("Authorization")):
+                raise RequestError(401, "missing or wrong access token (Authorization: Bearer TOKEN)",
+                                   {"WWW-Authenticate": 'Bearer realm="ppfr"'})  # fmt: skip
+            body = self._read_json() if verb == "POST" else None
+            status, answer, headers = 200, service.handle(path, body), {}
+        except RequestError as exc:
+            status, answer, headers = exc.status, {"error": exc.message}, exc.headers
+        except Exception as exc:  # a bug: answer 500 rather than drop the connection
+            log.exception("unhandled error on %s", self.path)
+            status, answer, headers = 500, {"error": f"internal error: {type(exc).__name__}"}, {}
+        linger = False
+        if self._unread:
+            # A request refused before its body was read: the body must not be parsed as the next request. A body
+            # within the limit is read and dropped (the connection stays usable, and a client still sending it gets
+            # this answer instead of a broken pipe); a larger one is never read: answer, then close gracefully.
+            if self._unread <= service.config.max_request_bytes and self._discard(self._unread):
+                self._unread = 0
+            else:
+                linger = True
+        if self._unread is None or self._unread or service.draining:
+            self.close_connection = True  # while draining too, so keep-alive clients leave
+        self._send(status, answer, headers)
+        if linger:
+            self._lingering_close()
+        self.server.track(self.connection, busy=False)
+
+    def _declared_length(self) -> int | None:
+        if self.headers.get("Transfer-Encoding"):
+            return None
+        length = self.headers.get("Content-Length", "0")
+        try:
+            n = int(length)
+        except ValueError:
+            return None
+        return n if n >= 0 else None
+
+    def _discard(self, n: int) -> bool:
+        try:
+            while n > 0:
+                chunk = self.rfile.read(min(n, 1 << 16))
+                if not chunk:
+                    return False
+                n -= len(chunk)
+        except OSError:
+            return False
+        return True
+
+    def _lingering_close(self, seconds: float = 2.0) -> None:
+        """Close after an answer to a request whose body was not read: stop sending, then drop what the client is
+        still sending for a moment. Closing with unread data would reset the connection, and a reset can destroy
+        the answer in the client's receive buffer before it reads it (the "lingering close" of web servers)."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(0.25)
+            end = time.monotonic() + seconds
+            while time.monotonic() < end and self.connection.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+
+    def _read_json(self) -> Any:
+        limit = self.server.service.config.max_request_bytes
+        if self.headers.get("Transfer-Encoding"):
+            raise RequestError(411, "send the body with a Content-Length (chunked transfer is not accepted)")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise RequestError(411, "Content-Length required")
+        n = self._declared_length()
+        if n is None:
+            raise RequestError(400, f"bad Content-Length {length!r}")
+        if n > limit:
+            raise RequestError(413, f"request of {n} bytes exceeds the limit of {limit} bytes "
+                                    f"({self.server.service.sample_wire_bytes} bytes per payload sample)")  # fmt: skip
+        try:
+            data = self.rfile.read(n)
+        except TimeoutError:
+            self._unread = None  # part of it may have been read: the connection cannot be reused
+            raise RequestError(408, "timed out reading the request body") from None
+        self._unread = 0 if len(data) == n else None
+        if len(data) != n:
+            raise RequestError(400, f"request body ended after {len(data)} of {n} bytes")
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype.startswith("image/") or data.startswith(_IMAGE_MAGIC):
+            raise RequestError(400, f"an image was sent where a protected {self.server.service.runner.method} "
+                                    "payload is expected: the server never accepts images; protect on the client "
+                                    "(ppfr client, or method.protect + ppfr.deploy.client.encode_payload)")  # fmt: skip
+        if ctype and ctype != "application/json":
+            raise RequestError(415, f"Content-Type must be application/json, got {ctype}")
+        try:
+            return json.loads(data, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, NaN/Infinity, deep nesting
+            raise RequestError(400, f"malformed JSON: {str(exc)[:200]}") from None
+
+    def _send(self, status: int, answer: dict, headers: dict[str, str]) -> None:
+        data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            for k, v in headers.items():
+                self.send_header(k, v)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away; nothing to answer
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer that bounds concurrent connections and knows which are idle (for a prompt shutdown)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], service: RecognitionService) -> None:
+        self.service = service
+        self._conns: dict[socket.socket, bool] = {}  # connection -> busy
+        self._conns_lock = threading.Condition()
+        super().__init__(address, _Handler)
+
+    def track(self, conn: socket.socket, busy: bool) -> None:
+        with self._conns_lock:
+            self._conns[conn] = busy
+
+    def untrack(self, conn: socket.socket) -> None:
+        with self._conns_lock:
+            self._conns.pop(conn, None)
+            self._conns_lock.notify_all()
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        with self._conns_lock:
+            full = len(self._conns) >= self.service.config.max_connections
+        if full:  # answer from the accept thread without spawning one: bounded threads and memory
+            body = b'{"error": "too many connections; retry later"}'
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+                                + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        self.track(request, busy=False)  # counted from accept, before the thread starts
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        # Called once per accepted connection whatever happened in its handler: the one place to stop tracking it.
+        self.untrack(request)
+        super().shutdown_request(request)
+
+    def close_idle(self) -> None:
+        """Wake handlers blocked reading the next keep-alive request so they exit now."""
+        with self._conns_lock:
+            idle = [c for c, busy in self._conns.items() if not busy]
+        for c in idle:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def wait_connections(self, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        with self._conns_lock:
+            while self._conns:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._conns_lock.wait(min(left, 0.1))
+        return True
+
+
+class RecognitionServer:
+    """The HTTP server around a RecognitionService. ``start()`` serves from a background thread (tests, embedding);
+    ``serve_forever()`` from the calling one (the CLI); ``close()`` is the graceful shutdown."""
+
+    def __init__(self, runner: Any, gallery: Gallery | str | Path, token: str, host: str = "127.0.0.1",
+                 port: int = 0, config: ServeConfig | None = None) -> None:  # fmt: skip
+        if not isinstance(gallery, Gallery):
+            gallery = Gallery.open(gallery, runner.method, runner.embedding_size)
+        try:
+            self.service = RecognitionService(runner, gallery, token, config)
+            self.httpd = _HTTPServer((host, port), self.service)
+        except BaseException:
+            gallery.close()  # e.g. the port is taken: do not keep the gallery locked
+            raise
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._serving = threading.Event()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.httpd.server_address[:2]
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{host}:{port}"
+
+    def start(self) -> RecognitionServer:
+        self.service.start()
+        self._thread = threading.Thread(target=self._serve, name="ppfr-serve-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.service.start()
+        self._serve()
+
+    def _serve(self) -> None:
+        self._serving.set()
+        self.httpd.serve_forever(poll_interval=0.1)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop accepting, finish in-flight requests (draining the queue), close idle connections, release the
+        port. Safe to call from any thread except the one running serve_forever (use ``request_shutdown``)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.service.draining = True
+        if self._serving.is_set():
+            self.httpd.shutdown()  # returns once the accept loop has stopped
+        self.httpd.close_idle()
+        if not self.httpd.wait_connections(timeout):
+            log.warning("shutdown: connections still open after %.0f s; closing anyway", timeout)
+        self.service.worker.stop(timeout)
+        self.service.gallery.close()
+        self.httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def request_shutdown(self) -> None:
+        """Ask serve_forever to return (e.g. from a signal handler); the caller then calls close()."""
+        threading.Thread(target=self.httpd.shutdown, daemon=True).start()
+
+    def __enter__(self) -> RecognitionServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="ppfr serve", description="serve a trained or exported method over HTTP")
+    ap.add_argument("model", help="model.pt, method:NAME, or an exported .onnx / .engine (ppfr export); "
+                                  "--backend auto runs the fastest available (docs/deploy.md)")
+    ap.add_argument("--gallery", required=True, help="folder of the enrolled-identity gallery (created if absent)")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default loopback; there is no TLS: put a TLS proxy in front otherwise)")
+    ap.add_argument("--port", type=int, default=8080, help="0 = any free port (printed at start)")
+    ap.add_argument("--token", default=None, help="access token (visible in the process list; prefer --token-file)")
+    ap.add_argument("--token-file", default=None, help="file whose first line is the access token")
+    ap.add_argument("--backend", default="auto", choices=["auto", "eager", "onnxruntime", "tensorrt"])
+    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                    help="cosine similarity for a match (calibrate on your validation pairs)")
+    ap.add_argument("--max-batch", type=int, default=32, help="samples per inference call")
+    ap.add_argument("--max-delay-ms", type=float, default=5.0, help="how long a request may wait for a batch")
+    ap.add_argument("--queue-size", type=int, default=256, help="queued requests before answering 503")
+    ap.add_argument("--max-request-bytes", type=int, default=None,
+                    help="largest request body (default: 16 payload samples + 64 KiB)")
+    ap.add_argument("--max-connections", type=int, default=128)
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    token = read_token(args.token, args.token_file)
+    if args.token:
+        log.warning("--token is visible to other users in the process list; prefer --token-file")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding %s: traffic (payloads and the token) is plain HTTP; terminate TLS in front", args.host)
+
+    from ppfr.deploy.runner import load_runner
+
+    try:
+        config = ServeConfig(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, queue_size=args.queue_size,
+                             max_request_bytes=args.max_request_bytes, threshold=args.threshold,
+                             max_connections=args.max_connections)  # fmt: skip
+        runner = load_runner(args.model, backend=args.backend)
+        server = RecognitionServer(runner, args.gallery, token, args.host, args.port, config)
+    except (ValueError, GalleryError, OSError, RuntimeError) as exc:
+        print(f"ppfr serve: {exc}", file=sys.stderr)
+        return 2
+    g = server.service.gallery
+    print(f"ppfr serve: {runner.method} on {runner.backend}, gallery {args.gallery} ({len(g)} identities, "
+          f"{g.num_embeddings} embeddings), listening on {server.url}", flush=True)  # fmt: skip
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("signal %d: shutting down", signum)
+        server.request_shutdown()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+    print("ppfr serve: stopped", flush=True)
+    return 0
+
+
+def register(sub) -> None:
+    import argparse
+
+    p = sub.add_parser("serve", help="serve a method over HTTP: enrol / verify / identify protected payloads",
+                       add_help=False)  # fmt: skip
+    p.add_argument("serve_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: main(a.serve_args))

@@ -1,0 +1,520 @@
+"""``ppfr serve`` / ``ppfr client`` and the gallery: a real HTTP server on an ephemeral loopback port.
+
+The server runs an untrained PartialFace (IR-18, width 8: fast on 2 cores). Its embeddings are deterministic for a
+given payload, but ``protect`` draws a random rank per image, so the round-trip checks protect the enrolment and the
+probe with the same seed (the documented test-only ``seed`` of the client): identical payloads, identical
+embeddings, so an image must come back as its own identity first even without training. Faces are real
+(celeba112 val); the tests that need them skip, saying so, when the shared data folder is absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ppfr
+from ppfr.deploy.client import (
+    Client, ServerError, decode_tensor, encode_payload, encode_tensor, protect_images, read_faces,
+)  # fmt: skip
+from ppfr.deploy.gallery import Gallery, GalleryError
+from ppfr.deploy.serve import RecognitionServer, RecognitionService, RequestError, ServeConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeba112" / "val"
+TOKEN = "test-token-0123456789"
+OPTIONS = {"depth": 18, "width": 8}
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _save_model(path: Path, name: str, options: dict) -> Path:
+    """A model.pt exactly as ``ppfr train`` writes it (state dict + method name + options)."""
+    torch.manual_seed(0)
+    m = ppfr.build_method(name, **options)
+    torch.save({"model": m.state_dict(), "method": name, "method_options": dict(options)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_pt(tmp_path_factory) -> Path:
+    return _save_model(tmp_path_factory.mktemp("model") / "model.pt", "partialface", OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def method(model_pt):
+    return ppfr.methods.load_method(model_pt)
+
+
+@pytest.fixture(scope="module")
+def runner(model_pt):
+    from ppfr.deploy.runner import load_runner
+
+    return load_runner(model_pt, backend="eager")
+
+
+@pytest.fixture(scope="module")
+def faces() -> dict[str, list[Path]]:
+    """Six real identities, two aligned 112x112 images each."""
+    if not FACES.is_dir():
+        pytest.skip(f"real faces not found at ../shared/data/celeba112/val (resolved {FACES})")
+    out = {}
+    for d in sorted(p for p in FACES.iterdir() if p.is_dir()):
+        imgs = sorted(d.glob("*.jpg"))
+        if len(imgs) >= 2:
+            out[d.name] = imgs[:2]
+        if len(out) == 6:
+            break
+    assert len(out) == 6, f"expected 6 identities with 2 images under {FACES}"
+    return out
+
+
+@pytest.fixture
+def server(runner, tmp_path):
+    srv = RecognitionServer(runner, tmp_path / "gallery", TOKEN, config=ServeConfig(max_delay_ms=5)).start()
+    yield srv
+    srv.close()
+
+
+def _payload(method, path: Path, seed: int = 0) -> dict:
+    return encode_payload(protect_images(method, read_faces([path]), seed=seed))
+
+
+def _raw(url: str, verb: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    """One request on a fresh connection, bypassing Client (to send what Client never would)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request(verb, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def _auth(extra: dict | None = None) -> dict:
+    return {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json", **(extra or {})}
+
+
+# ------------------------------------------------------------------------------------------- round trip
+def test_enrol_identify_verify_round_trip(server, method, faces):
+    c = Client(server.url, TOKEN)
+    assert c.health() == {"status": "ok"}
+    info = c.info()
+    assert info["method"] == "partialface" and info["backend"] == "eager"
+    assert info["input_spec"] == {"dct": {"shape": [27, 112, 112], "dtype": "float32", "low": None, "high": None}}
+    for name, (a, _) in faces.items():
+        assert c.enrol(name, _payload(method, a)) == {"name": name, "added": 1, "embeddings": 1}
+    first = next(iter(faces))
+    out = c.enrol(first, encode_payload(protect_images(method, read_faces([faces[first][1]]), seed=5)))
+    assert out["embeddings"] == 2  # several embeddings per identity
+    assert c.identities() == {n: (2 if n == first else 1) for n in faces}
+    for name, (a, _) in faces.items():
+        res = c.identify(_payload(method, a), top_k=3)
+        assert [x["name"] for x in res["candidates"]][0] == name, res
+        assert res["candidates"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+        assert len(res["candidates"]) == 3 and res["match"] == name
+        scores = [x["score"] for x in res["candidates"]]
+        assert scores == sorted(scores, reverse=True)
+    other = list(faces)[1]
+    own = c.verify(first, _payload(method, faces[first][0]))
+    assert own["match"] is True and own["score"] == pytest.approx(1.0, abs=1e-4)
+    cross = c.verify(other, _payload(method, faces[first][0]))
+    assert cross["score"] < own["score"] - 1e-3 and cross["threshold"] == own["threshold"]
+    assert c.remove(other) == {"name": other, "removed": 1}
+    assert other not in c.identities()
+    with pytest.raises(ServerError) as e:
+        c.verify(other, _payload(method, faces[first][0]))
+    assert e.value.status == 404
+
+
+def test_client_and_serve_cli(model_pt, faces, tmp_path):
+    """The verbs end to end: `ppfr serve` in a subprocess (port 0, token file), `ppfr client` enrol / identify /
+    verify, SIGTERM -> graceful stop with exit code 0 and the gallery on disk."""
+    from ppfr.cli import main as ppfr_main
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ppfr.cli", "serve", str(model_pt), "--port", "0", "--gallery",
+                             str(tmp_path / "g"), "--token-file", str(token_file), "--backend", "eager",
+                             "--log-level", "WARNING"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line, line + proc.stderr.read()
+        url = line.rsplit(" ", 1)[1].strip()
+        names = list(faces)[:2]
+        base = [str(model_pt), "--server", url, "--token-file", str(token_file), "--seed", "0"]
+        for n in names:
+            assert ppfr_main(["client", *base, "enrol", n, str(faces[n][0])]) == 0
+        assert ppfr_main(["client", *base, "identify", str(faces[names[1]][0])]) == 0
+        assert ppfr_main(["client", *base, "verify", names[0], str(faces[names[0]][0])]) == 0
+        # wrong token: refused, exit code 1
+        assert ppfr_main(["client", str(model_pt), "--server", url, "--token", "nope", "list"]) == 1
+        assert ppfr_main(["client", *base, "identify", str(tmp_path / "missing.jpg")]) == 2
+        assert Client(url, TOKEN).identify(_payload(ppfr.methods.load_method(model_pt), faces[names[1]][0]))[
+            "candidates"][0]["name"] == names[1]  # fmt: skip
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "stopped" in out
+    assert set(Gallery.open(tmp_path / "g", "partialface", 512).identities()) == set(names)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_bad_requests_are_refused_and_change_nothing(server, method, faces):
+    c = Client(server.url, TOKEN)
+    name, (a, b) = next(iter(faces.items()))
+    c.enrol(name, _payload(method, a))
+    gallery_file = server.service.gallery.path
+    before_bytes, before_ids = gallery_file.read_bytes(), c.identities()
+
+    good = _payload(method, b)
+    t = good["tensors"]["dct"]
+    arr = decode_tensor(t)
+    rgb = read_faces([a]).numpy()
+
+    def with_tensor(**kw):
+        return {**good, "tensors": {"dct": {**t, **kw}}}
+
+    def body(payload, **extra):
+        return json.dumps({"name": "intruder", "payload": payload, **extra}).encode()
+
+    cases = [  # (path, body, headers, expected status, fragment of the message)
+        ("/v1/enrol", body(good), {"Content-Type": "application/json"}, 401, "token"),
+        ("/v1/enrol", body(good), {"Authorization": "Bearer wrong"}, 401, "token"),
+        ("/v1/enrol", body(good), {"Authorization": f"Basic {TOKEN}"}, 401, "token"),
+        ("/v1/enrol", b"{not json", _auth(), 400, "malformed JSON"),
+        ("/v1/enrol", b"[1, 2]", _auth(), 400, "JSON object"),
+        ("/v1/enrol", b'{"name": "x", "payload": NaN}', _auth(), 400, "malformed JSON"),
+        ("/v1/enrol", json.dumps({"payload": good}).encode(), _auth(), 400, "missing ['name']"),
+        ("/v1/enrol", body(good, extra=1), _auth(), 400, "unknown ['extra']"),
+        ("/v1/enrol", json.dumps({"name": "", "payload": good}).encode(), _auth(), 400, "name"),
+        ("/v1/enrol", body({**good, "method": "arcface"}), _auth(), 400, "this server runs 'partialface'"),
+        ("/v1/enrol", body({**good, "schema_version": 99}), _auth(), 400, "schema version"),
+        ("/v1/enrol", body({**good, "extra": 1}), _auth(), 400, "exactly method, schema_version, tensors"),
+        ("/v1/enrol", body(with_tensor(shape=[1, 26, 112, 112], data=encode_tensor(arr[:, :26])["data"])), _auth(),
+         400, "must be (B, 27, 112, 112)"),
+        ("/v1/enrol", body({**good, "tensors": {"dct": encode_tensor(arr.astype(np.float64))}}), _auth(), 400,
+         "float32"),
+        ("/v1/enrol", body({**good, "tensors": {"dct": encode_tensor(np.where(arr > 0, np.nan, arr))}}), _auth(),
+         400, "NaN"),
+        ("/v1/enrol", body(with_tensor(shape=[2, 27, 112, 112])), _auth(), 400, "base64"),
+        ("/v1/enrol", body(with_tensor(dtype="object")), _auth(), 400, "dtype"),
+        ("/v1/enrol", body(with_tensor(data="!!" + t["data"][2:])), _auth(), 400, "base64"),
+        ("/v1/enrol", body({**good, "tensors": {"image": encode_tensor(rgb)}}), _auth(), 400, "RGB image"),
+        ("/v1/enrol", body({**good, "tensors": {"dct": encode_tensor(rgb)}}), _auth(), 400, "RGB image"),
+        ("/v1/enrol", a.read_bytes(), _auth({"Content-Type": "image/jpeg"}), 400, "image was sent"),
+        ("/v1/enrol", a.read_bytes(), _auth(), 400, "image was sent"),
+        ("/v1/identify", json.dumps({"payload": encode_payload(protect_images(method, read_faces([a, b]), seed=0))})
+         .encode(), _auth(), 400, "one probe"),  # fmt: skip
+        ("/v1/identify", json.dumps({"payload": good, "top_k": 0}).encode(), _auth(), 400, "top_k"),
+        ("/v1/verify", body(good), _auth(), 404, "not enrolled"),
+        ("/v1/remove", json.dumps({"name": "nobody"}).encode(), _auth(), 404, "not enrolled"),
+        ("/v1/nothing", b"{}", _auth(), 404, "no endpoint"),
+    ]
+    for path, data, headers, status, fragment in cases:
+        got, answer = _raw(server.url, "POST", path, data, headers)
+        assert (got, fragment in answer.get("error", "")) == (status, True), (path, status, fragment, answer)
+    assert _raw(server.url, "GET", "/v1/enrol", None, _auth())[0] == 405
+    assert _raw(server.url, "GET", "/v1/info")[0] == 401
+    assert _raw(server.url, "GET", "/health")[0] == 200  # the one endpoint without a token
+
+    # oversized: refused from the Content-Length alone, before a byte of the body is read
+    host, port = server.address
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.putrequest("POST", "/v1/enrol")
+    for k, v in _auth({"Content-Length": str(10**9)}).items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and "exceeds the limit" in json.loads(resp.read())["error"]
+    conn.close()
+
+    assert c.identities() == before_ids
+    assert gallery_file.read_bytes() == before_bytes
+    assert c.identify(good)["candidates"][0]["name"] == name  # and the server still works
+
+
+def test_oversized_body_is_refused_unread(runner, method, faces, tmp_path):
+    """A body over the limit gets 413 (not a broken pipe) through Client, and the server keeps serving."""
+    a = next(iter(faces.values()))[0]
+    with RecognitionServer(runner, tmp_path / "g", TOKEN, config=ServeConfig(max_request_bytes=64 * 1024)) as srv:
+        c = Client(srv.url, TOKEN)
+        with pytest.raises(ServerError) as e:
+            c.enrol("big", _payload(method, a))  # ~1.8 MB of base64
+        assert e.value.status == 413 and "65536" in e.value.message
+        assert c.identities() == {} and not (tmp_path / "g" / "gallery.npz").exists()
+        assert c.health() == {"status": "ok"}
+
+
+def test_connection_limit_answers_503(runner, tmp_path):
+    with RecognitionServer(runner, tmp_path / "g", TOKEN, config=ServeConfig(max_connections=1)) as srv:
+        first = Client(srv.url, TOKEN)
+        assert first.health() == {"status": "ok"}  # accepted; its keep-alive connection stays open
+        status, answer = _raw(srv.url, "GET", "/health")
+        assert status == 503 and "too many connections" in answer["error"]
+        first.close()
+        deadline = time.monotonic() + 10
+        while _raw(srv.url, "GET", "/health")[0] != 200:  # the slot frees once the server sees the close
+            assert time.monotonic() < deadline, "connection slot never freed"
+            time.sleep(0.05)
+
+
+def test_payload_range_checks_follow_the_spec(tmp_path):
+    """Out-of-range values are refused with the spec's bounds (arcface's payload is [-1, 1]), before inference."""
+    class SpecOnly:  # check_payload reads only the spec; run() must never be reached
+        backend, method, embedding_size = "none", "arcface", 512
+        input_spec = ppfr.build_method("arcface", depth=18, width=8).payload_spec
+
+        def run(self, inputs):
+            raise AssertionError("inference on an invalid payload")
+
+    svc = RecognitionService(SpecOnly(), Gallery(512), TOKEN)
+    x = torch.rand(1, 3, 112, 112) * 2 - 1
+    inputs, n = svc.check_payload(encode_payload(ppfr.methods.Payload("arcface", {"image": x})), single=True)
+    assert n == 1 and np.array_equal(inputs["image"], x.numpy())
+    for bad, msg in ((x.clamp_min(0) + 0.5, "above 1.0"), (x.clamp_max(0) - 0.5, "below -1.0")):
+        with pytest.raises(RequestError, match=msg) as e:
+            svc.check_payload(encode_payload(ppfr.methods.Payload("arcface", {"image": bad})), single=True)
+        assert e.value.status == 400
+    assert svc.authorized(f"Bearer {TOKEN}") and not svc.authorized(f"Bearer {TOKEN}x")
+    assert not svc.authorized(None) and not svc.authorized(TOKEN)
+
+
+class _GatedRunner:
+    """Wraps a runner; run() blocks until the test opens the gate (to fill the queue deterministically)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.backend, self.method = inner.backend, inner.method
+        self.input_spec, self.embedding_size = inner.input_spec, inner.embedding_size
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def run(self, inputs):
+        self.entered.set()
+        assert self.gate.wait(60), "test never opened the gate"
+        return self.inner.run(inputs)
+
+
+def test_full_queue_answers_503_and_close_drains(runner, method, faces, tmp_path):
+    gated = _GatedRunner(runner)
+    cfg = ServeConfig(max_batch=1, max_delay_ms=0, queue_size=2)
+    srv = RecognitionServer(gated, tmp_path / "g", TOKEN, config=cfg).start()
+    names = list(faces)
+    payloads = {n: _payload(method, faces[n][0]) for n in names}
+    c = Client(srv.url, TOKEN)
+    with ThreadPoolExecutor(4) as pool:
+        busy = pool.submit(c.enrol, names[0], payloads[names[0]])  # taken by the worker, blocked in run()
+        assert gated.entered.wait(30)
+        queued = [pool.submit(c.enrol, n, payloads[n]) for n in names[1:3]]  # fill the queue (2)
+        deadline = time.monotonic() + 30
+        while srv.service.worker.queue.qsize() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(ServerError) as e:
+            c.enrol(names[3], payloads[names[3]])
+        assert e.value.status == 503 and "busy" in e.value.message
+        # graceful close while requests are in flight: they all finish, then the port is released
+        closer = threading.Thread(target=srv.close)
+        closer.start()
+        time.sleep(0.2)
+        gated.gate.set()
+        assert [f.result(timeout=60)["added"] for f in [busy, *queued]] == [1, 1, 1]
+        closer.join(60)
+    assert not closer.is_alive()
+    with pytest.raises(OSError):
+        Client(srv.url, TOKEN, timeout=5).health()
+    assert set(Gallery.open(tmp_path / "g", "partialface", 512).identities()) == set(names[:3])  # not names[3]
+
+
+# ------------------------------------------------------------------------------------------ load, restart
+def test_concurrent_load_and_restart(runner, method, faces, tmp_path):
+    """8 clients x 50 requests (identify and verify) with no error and right answers; batching happens; the
+    gallery survives a restart of the server."""
+    names = list(faces)
+    probes = {n: _payload(method, faces[n][0]) for n in names}
+    srv = RecognitionServer(runner, tmp_path / "g", TOKEN, config=ServeConfig(max_batch=8, max_delay_ms=5)).start()
+    try:
+        c = Client(srv.url, TOKEN)
+        for n in names:
+            c.enrol(n, probes[n])
+
+        def client_job(i: int) -> list[str]:
+            cl, errors = Client(srv.url, TOKEN), []
+            for r in range(50):
+                n = names[(i + r) % len(names)]
+                try:
+                    if r % 5 == 4:
+                        out = cl.verify(n, probes[n])
+                        ok = out["match"] and out["score"] > 0.999
+                    else:
+                        ok = cl.identify(probes[n], top_k=2)["candidates"][0]["name"] == n
+                    if not ok:
+                        errors.append(f"client {i} request {r}: wrong answer for {n}")
+                except Exception as exc:
+                    errors.append(f"client {i} request {r}: {exc!r}")
+            cl.close()
+            return errors
+
+        with ThreadPoolExecutor(8) as pool:
+            errors = [e for errs in pool.map(client_job, range(8)) for e in errs]
+        assert errors == []
+        worker = srv.service.worker
+        assert worker.samples == 400 + len(names)
+        assert worker.batches < worker.samples  # concurrent requests were batched together
+        before = c.identify(probes[names[2]], top_k=6)
+    finally:
+        srv.close()
+    srv2 = RecognitionServer(runner, tmp_path / "g", TOKEN).start()
+    try:
+        c2 = Client(srv2.url, TOKEN)
+        assert c2.identities() == {n: 1 for n in names}
+        after = c2.identify(probes[names[2]], top_k=6)
+        assert [x["name"] for x in after["candidates"]] == [x["name"] for x in before["candidates"]]
+        np.testing.assert_allclose([x["score"] for x in after["candidates"]],
+                                   [x["score"] for x in before["candidates"]], atol=1e-5)  # fmt: skip
+    finally:
+        srv2.close()
+
+
+# ----------------------------------------------------------------------------------------- gallery, wire
+def _unit(rng, n, d=16):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_gallery_search_persistence_and_atomicity(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    g = Gallery.open(tmp_path, "m", 16, use_faiss=False)
+    embs = {f"id{i}": _unit(rng, 1 + i % 3) for i in range(7)}
+    for n, e in embs.items():
+        g.enrol(n, e)
+    q = _unit(rng, 4)
+    # brute force: an identity's score is its best cosine over its embeddings
+    want = {n: (q @ e.T).max(axis=1) for n, e in embs.items()}
+    got = g.search(q, top_k=3)
+    for r in range(4):
+        ranked = sorted(want, key=lambda n: -want[n][r])[:3]
+        assert [m.name for m in got[r]] == ranked
+        np.testing.assert_allclose([m.score for m in got[r]], [want[n][r] for n in ranked], rtol=1e-5)
+    np.testing.assert_allclose(g.verify("id5", q), want["id5"], rtol=1e-5)
+    assert g.remove("id2") == 3 and "id2" not in g
+    with pytest.raises(GalleryError, match="in use by another"):  # one server per gallery folder
+        Gallery.open(tmp_path, "m", 16)
+    g.close()
+    again = Gallery.open(tmp_path, "m", 16)
+    assert again.identities() == g.identities()
+    np.testing.assert_allclose(again.embeddings("id4"), embs["id4"], rtol=1e-6, atol=1e-7)  # re-normalised once
+    # a failed save (disk full, ...) changes neither the file nor the gallery in memory
+    before = (tmp_path / "gallery.npz").read_bytes()
+
+    def fail(*a):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        again.enrol_many([("new", _unit(rng, 1)), ("id0", _unit(rng, 2))])
+    monkeypatch.undo()
+    assert "new" not in again and again.identities() == g.identities()
+    assert (tmp_path / "gallery.npz").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".gallery.lock", "gallery.npz"]  # no temporary file
+    with pytest.raises(ValueError, match="finite and non-zero"):
+        again.enrol("z", np.zeros((1, 16), np.float32))
+    again.close()
+    with pytest.raises(GalleryError, match="enrolled with method 'm'"):
+        Gallery.open(tmp_path, "other", 16)
+
+
+def test_gallery_refuses_corrupt_files(tmp_path):
+    rng = np.random.default_rng(1)
+    g = Gallery.open(tmp_path / "ok", "m", 8)
+    g.enrol("a", _unit(rng, 2, 8))
+    good = (tmp_path / "ok" / "gallery.npz").read_bytes()
+    meta = json.dumps({"format": "ppfr-gallery", "version": 1, "method": "m", "embedding_size": 8, "names": ["a"]})
+
+    def npz(**arrays):
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    meta_arr = np.frombuffer(meta.encode(), np.uint8)
+    corrupt = {
+        "truncated": (good[: len(good) // 2], "unusable"),
+        "garbage": (b"not a zip file at all", "unusable"),
+        "pickled object array": (npz(embeddings=np.array([object()], dtype=object), labels=np.zeros(1, np.int64),
+                                     meta=meta_arr), "unusable"),  # fmt: skip
+        "label out of range": (npz(embeddings=_unit(rng, 1, 8), labels=np.array([3]), meta=meta_arr), "label"),
+        "not unit": (npz(embeddings=np.ones((1, 8), np.float32), labels=np.zeros(1, np.int64), meta=meta_arr),
+                     "unit vectors"),  # fmt: skip
+        "bad header": (npz(embeddings=_unit(rng, 1, 8), labels=np.zeros(1, np.int64),
+                           meta=np.frombuffer(b"{]", np.uint8)), "not JSON"),  # fmt: skip
+    }
+    for case, (data, msg) in corrupt.items():
+        d = tmp_path / case.replace(" ", "_")
+        d.mkdir()
+        (d / "gallery.npz").write_bytes(data)
+        with pytest.raises(GalleryError, match=msg) as e:
+            Gallery.open(d, "m", 8)
+        assert "move it away" in str(e.value), case
+        assert (d / "gallery.npz").read_bytes() == data  # never overwritten
+
+
+def test_gallery_faiss_path_matches_numpy(tmp_path, monkeypatch):
+    """The faiss branch (deep enough search, per-identity max) against exact numpy, with a numpy stand-in for
+    faiss.IndexFlatIP (faiss itself is optional and not installed in CI)."""
+    import types
+
+    class IndexFlatIP:
+        def __init__(self, d):
+            self.x = np.zeros((0, d), np.float32)
+
+        def add(self, x):
+            self.x = np.concatenate([self.x, x])
+
+        def search(self, q, k):
+            s = q @ self.x.T
+            idx = np.argsort(-s, axis=1)[:, :k]
+            return np.take_along_axis(s, idx, 1), idx
+
+    monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(IndexFlatIP=IndexFlatIP))
+    rng = np.random.default_rng(2)
+    fast, exact = Gallery(16, use_faiss=True), Gallery(16, use_faiss=False)
+    assert fast._faiss is not None and exact._faiss is None
+    for i in range(20):
+        e = _unit(rng, 1 + (i % 4) * 3)  # uneven identity sizes: the search depth must cover k identities
+        fast.enrol(f"id{i}", e)
+        exact.enrol(f"id{i}", e)
+    q = _unit(rng, 5)
+    for k in (1, 3, 20):
+        a, b = fast.search(q, k), exact.search(q, k)
+        assert [[m.name for m in r] for r in a] == [[m.name for m in r] for r in b]
+        np.testing.assert_allclose([[m.score for m in r] for r in a], [[m.score for m in r] for r in b], rtol=1e-5)
+
+
+def test_wire_format_is_little_endian_base64():
+    x = np.arange(6, dtype=np.float32).reshape(1, 2, 3) - 2.5
+    obj = encode_tensor(torch.from_numpy(x))
+    assert obj["dtype"] == "float32" and obj["shape"] == [1, 2, 3]
+    assert base64.b64decode(obj["data"]) == x.astype("<f4").tobytes()
+    np.testing.assert_array_equal(decode_tensor(obj), x)
+    for i8 in (np.array([[-3, 4]], np.int8), np.array([[True, False]])):
+        np.testing.assert_array_equal(decode_tensor(json.loads(json.dumps(encode_tensor(i8)))), i8)
