@@ -143,6 +143,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # Verbs that live with their layer: each module has ``register(subparsers)`` adding its parser(s) with
 # ``set_defaults(func=...)``. Imported lazily by ``main`` so ``ppfr info`` never pays for them.
+def add_delegating_verb(sub, name: str, help: str, main) -> None:
+    """Register ``ppfr <name>`` as a verb that parses its own arguments with ``main(argv) -> int``.
+
+    The verb's whole argument list is collected as an argparse.REMAINDER named ``<name>_args`` (see ``main`` below
+    for the leading-option case), so ``ppfr <name> -h`` prints the verb's own complete help.
+    """
+    p = sub.add_parser(name, help=help, add_help=False)
+    p.add_argument(f"{name}_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: main(getattr(a, f"{name}_args")))
+
+
 VERB_MODULES: tuple[str, ...] = ("ppfr.data.cli", "ppfr.train.trainer", "ppfr.eval.cli", "ppfr.deploy.cli",
                                  "ppfr.deploy.serve", "ppfr.deploy.client", "ppfr.study", "ppfr.eval.attack")
 

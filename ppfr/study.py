@@ -368,10 +368,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("study", help="train, evaluate and attack every method on one dataset; write a report",
-                       add_help=False)  # fmt: skip
-    p.add_argument("study_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: main(a.study_args))
+    from ppfr.cli import add_delegating_verb
+
+    add_delegating_verb(sub, "study", "train, evaluate and attack every method on one dataset; write a report", main)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,6 @@ def _run(args: argparse.Namespace, out: Path, tmp: Path) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("export", help="export a model to ONNX / TensorRT / Triton", add_help=False)
-    p.add_argument("export_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: main(a.export_args))
+    from ppfr.cli import add_delegating_verb
+
+    add_delegating_verb(sub, "export", "export a model to ONNX / TensorRT / Triton", main)

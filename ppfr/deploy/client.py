@@ -355,9 +355,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def register(sub) -> None:
-    import argparse
+    from ppfr.cli import add_delegating_verb
 
-    p = sub.add_parser("client", help="protect faces locally and enrol/verify/identify them on a ppfr server",
-                       add_help=False)  # fmt: skip
-    p.add_argument("client_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: main(a.client_args))
+    add_delegating_verb(sub, "client", "protect faces locally and enrol/verify/identify them on a ppfr server", main)

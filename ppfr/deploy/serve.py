@@ -782,9 +782,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def register(sub) -> None:
-    import argparse
+    from ppfr.cli import add_delegating_verb
 
-    p = sub.add_parser("serve", help="serve a method over HTTP: enrol / verify / identify protected payloads",
-                       add_help=False)  # fmt: skip
-    p.add_argument("serve_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: main(a.serve_args))
+    add_delegating_verb(sub, "serve", "serve a method over HTTP: enrol / verify / identify protected payloads", main)

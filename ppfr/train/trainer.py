@@ -344,8 +344,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def register(sub) -> None:
-    import argparse
+    from ppfr.cli import add_delegating_verb
 
-    p = sub.add_parser("train", help="train a method from a YAML config (see configs/)", add_help=False)
-    p.add_argument("train_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: main(a.train_args))
+    add_delegating_verb(sub, "train", "train a method from a YAML config (see configs/)", main)
