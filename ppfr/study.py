@@ -326,6 +326,13 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
 def _argv(cfg: StudyConfig) -> list[str]:
     args = [f"--data {cfg.data}", f"--pairs {cfg.pairs}", f"--out {cfg.out}", f"--epochs {cfg.epochs}",
             f"--attack-steps {cfg.attack_steps}"]  # fmt: skip
+    for flag, value, default in (("--max-steps-per-epoch", cfg.max_steps_per_epoch, None),
+                                 ("--attack-train-images", cfg.attack_train_images, StudyConfig.attack_train_images),
+                                 ("--attack-pairs", cfg.attack_pairs, StudyConfig.attack_pairs),
+                                 ("--batch-size", cfg.batch_size, None), ("--judge", cfg.judge, StudyConfig.judge),
+                                 ("--threads", cfg.threads, None)):  # fmt: skip
+        if value != default:
+            args.append(f"{flag} {value}")
     if cfg.report:
         args.append(f"--report {cfg.report}")
     if tuple(cfg.methods) != DEFAULT_METHODS:
