@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import shutil
 import sys
@@ -246,8 +247,11 @@ def _f(v: Any, spec: str, scale: float = 1.0) -> str:
 
 def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, seconds: float, judge_orig) -> None:
     """docs/results.md: the table, the papers' figures, the pictures (copied next to the report), the command."""
-    pics = path.parent / (path.stem + "_pictures")
+    # The pictures show faces of the dataset: they stay with the run (``<out>/pictures``), never next to a report
+    # that may be committed, since a dataset's licence need not allow redistributing its images.
+    pics = Path(cfg.out) / "pictures"
     pics.mkdir(parents=True, exist_ok=True)
+    rel = Path(os.path.relpath(pics, path.parent))
     lines = [
         "# Results: all methods side by side (small scale, real faces)",
         "",
@@ -301,10 +305,13 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         after = r["verification"]["plain"]["accuracy"]
         lines.append(f"| {r['method']} | {_f(before, '.2f', 100)} → {after * 100:.2f} | {st} | {ips} | "
                      f"{r['train'].get('seconds', 0) / 60:.1f} min |")  # fmt: skip
-    lines += ["", "## Pictures (original / payload / recovered)", ""]
+    lines += ["", "## Pictures (original / payload / recovered)", "",
+              f"One grid per method is written to `{cfg.out}/pictures/` by the run (not committed: they show faces of "
+              "the dataset).", ""]  # fmt: skip
     for r in rows:
         if (pics / f"{r['method']}.png").is_file():
-            lines.append(f"**{r['method']}**\n\n![{r['method']}]({pics.name}/{r['method']}.png)\n")
+            lines.append(f"- {r['method']}: [{r['method']}.png]({(rel / (r['method'] + '.png')).as_posix()})")
+    lines.append("")
     import ppfr
 
     lines += [
