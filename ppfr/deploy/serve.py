@@ -116,19 +116,19 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def claim(self) -> bool:
+    def _leave_pending(self, state: str) -> bool:
+        """Atomically move a pending job to ``state``; False if the worker or the requester got there first."""
         with self.lock:
             if self.state != "pending":
                 return False
-            self.state = "claimed"
+            self.state = state
             return True
 
+    def claim(self) -> bool:
+        return self._leave_pending("claimed")
+
     def cancel(self) -> bool:
-        with self.lock:
-            if self.state != "pending":
-                return False
-            self.state = "cancelled"
-            return True
+        return self._leave_pending("cancelled")
 
     def finish(self, result: dict | None = None, error: RequestError | None = None) -> None:
         self.result, self.error = result, error
