@@ -258,7 +258,9 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         "Measured by `ppfr study` in one run; rerun it with the command below on any image-folder dataset with a "
         "pairs file. The papers' figures come from METHODS.md (IR-50 on MS1Mv2 for accuracy, LFW; a full-scale "
         "U-Net recovery attack trained on BUPT for SSIM/PSNR). This study trains a narrow IR-18 for "
-        f"{cfg.epochs} epoch(s) per stage on a few thousand faces, so absolute accuracies are far lower: "
+        f"{cfg.epochs} epoch(s) per stage"
+        f"{f' of at most {cfg.max_steps_per_epoch} steps' if cfg.max_steps_per_epoch else ''} on a few thousand "
+        "faces, so absolute accuracies are far lower: "
         "compare methods with each other and with the unprotected `arcface` row.",
         "",
         "| method | acc % (10-fold, flip) | AUC | SSIM ↓ | PSNR dB ↓ | re-id acc % ↓ | payload B/img | client ms/img "
