@@ -135,29 +135,23 @@ def cost(method, images: torch.Tensor) -> dict[str, float]:
 @torch.no_grad()
 def verify(method, cfg: StudyConfig) -> dict[str, Any]:
     """10-fold verification of the trained method, plain and with flip TTA through its client (the flipped image is
-    protected and recognised; the normalised embeddings are summed), from one pass over both views."""
-    from ppfr.data.config import DataConfig
-    from ppfr.data.loader import make_loader
-    from ppfr.data.sources import PairSource
-    from ppfr.eval.verification import ten_fold
+    protected and recognised), both from one pass: ``embed_source`` embeds each image as [e(x), e(flip x)]."""
+    from ppfr.eval.verification import embed_source, open_pairs, ten_fold
 
-    src = PairSource(cfg.pairs, cfg.image_root)
-    loader = make_loader(DataConfig(source=cfg.pairs, backend="torch", batch_size=64, train=False, num_workers=0,
-                                    world_size=1, rank=0), source=src)  # fmt: skip
-    plain, flipped, idx = [], [], []
-    for x, i in loader:
-        g = torch.Generator().manual_seed(0)  # the client's secrets are fixed: both views get the same draw
-        plain.append(F.normalize(method.embed(x, generator=g).float(), dim=1))
-        g = torch.Generator().manual_seed(0)
-        flipped.append(F.normalize(method.embed(x.flip(-1), generator=g).float(), dim=1))
-        idx.append(i)
-    order = torch.cat(idx)
+    def both_views(x: torch.Tensor) -> torch.Tensor:  # the client's secrets are fixed: both views get the same draw
+        # each view normalised before the sum (``ppfr eval`` sums the raw views; docs/results.md used this rule)
+        views = [F.normalize(method.embed(v, generator=torch.Generator().manual_seed(0)).float(), dim=1)
+                 for v in (x, x.flip(-1))]  # fmt: skip
+        return torch.cat(views, dim=1)
+
+    src, pairs = open_pairs(cfg.pairs, cfg.image_root)
+    emb, _ = embed_source(both_views, src)
+    d = emb.shape[1] // 2
     out = {}
-    for key, emb in (("plain", torch.cat(plain)), ("flip", torch.cat(plain) + torch.cat(flipped))):
-        full = torch.zeros(len(src.files), emb.shape[1])
-        full[order] = F.normalize(emb, dim=1)
-        p = src.pairs
-        r = ten_fold((full[p[:, 2]] * full[p[:, 3]]).sum(1).numpy(), p[:, 1].astype(bool), p[:, 0])
+    # a common positive scale of both halves (embed_source's normalisation) cancels in each normalisation below
+    for key, e in (("plain", emb[:, :d]), ("flip", emb[:, :d] + emb[:, d:])):
+        e = F.normalize(e, dim=1)
+        r = ten_fold((e[pairs[:, 2]] * e[pairs[:, 3]]).sum(1).numpy(), pairs[:, 1].astype(bool), pairs[:, 0])
         out[key] = {"accuracy": r.accuracy, "std": r.std, "auc": r.auc, "threshold": r.threshold, "pairs": r.pairs}
     return out
 
