@@ -113,6 +113,7 @@ STAGE_CASES = [
     ("duetface", "server", {"server", "interfaces", "mask_weights"}),
     ("minusface", "stage1", {"generator", "recognizer"}),
     ("minusface", "stage2", {"recognizer_p"}),
+    ("profacec", "server", {"server"}),
     ("profacec", "client", {"client", "interfaces", "keys"}),
 ]
 
@@ -308,3 +309,12 @@ def test_hostile_checkpoint_is_refused(tmp_path):
         assert not (tmp_path / "pwned").exists()
     finally:
         os.chdir(cwd)
+
+
+def test_profacec_server_stage_only_without_a_pretrained_server(tmp_path):
+    """No server_ckpt: the run first trains the server recogniser; with one, only the client stage runs."""
+    fresh = build_method("profacec", **OPTS["profacec"])
+    assert [s.name for s in fresh.stages()] == ["server", "client"]
+    torch.save({"model": {"server." + k: v for k, v in fresh.server.state_dict().items()}}, tmp_path / "server.pt")
+    given = build_method("profacec", **dict(OPTS["profacec"], server_ckpt=str(tmp_path / "server.pt")))
+    assert [s.name for s in given.stages()] == ["client"]

@@ -133,9 +133,17 @@ class ProFaceC(Method):
         return self.server(self._server_input(t["image"]), inject=inject)
 
     def stages(self) -> tuple[Stage, ...]:
-        return (Stage("client", ("client", "interfaces", "keys"), "server frozen: ArcFace(e_c) + MSE(e_c, e_t)"),)
+        """``client`` only when a pretrained server is given (the paper's setting); without one, a ``server`` stage
+        first trains the recogniser on clear images so the run is self-contained (e.g. the CPU-scale tiny config)."""
+        client = Stage("client", ("client", "interfaces", "keys"), "server frozen: ArcFace(e_c) + MSE(e_c, e_t)")
+        if self.options.server_ckpt:
+            return (client,)
+        return (Stage("server", ("server",), "the server recogniser on clear images: ArcFace(f(X))"), client)
 
     def training_step(self, stage, images, labels, head, generator=None):
+        if stage == "server":
+            cls, logits = head(self.server(self._server_input(images.float())), labels)
+            return {"loss": cls, "cls_loss": cls.detach(), "logits": logits.detach()}
         e_c = self.recognize(self.protect(images, labels=labels, generator=generator))
         with torch.no_grad():
             e_t = self.server(self._server_input(images.float()))
