@@ -84,7 +84,7 @@ class StudyConfig:
 # ------------------------------------------------------------------------------------------------- steps
 def train_config(cfg: StudyConfig, method: str, runs: Path, server: Path | None):
     """The method's tiny config with the study's data, schedule and (where the method has one) server."""
-    from ppfr.methods.base import _REGISTRY, _load_builtin
+    from ppfr.methods import method_class
     from ppfr.train.config import load_config
 
     path = Path(cfg.configs) / f"{method}_tiny.yaml"
@@ -98,15 +98,15 @@ def train_config(cfg: StudyConfig, method: str, runs: Path, server: Path | None)
         over.append(f"max_steps_per_epoch={cfg.max_steps_per_epoch}")
     if cfg.batch_size:
         over.append(f"data.batch_size={cfg.batch_size}")
-    if base.stages:
-        over.append("stages=[" + ", ".join(f"{{name: {s.name}, epochs: {cfg.epochs}}}" for s in base.stages) + "]")
-    _load_builtin()
-    fields = {f.name for f in dataclasses.fields(_REGISTRY[base.method].Options)}
+    fields = {f.name for f in dataclasses.fields(method_class(base.method).Options)}
     if "server_ckpt" in fields:  # a frozen server recogniser: the study's trained unprotected model
         if server is None:
             raise ValueError(f"{method} needs a trained {cfg.server_method!r} model as its server; list "
                              f"{cfg.server_method} before {method} in --methods")  # fmt: skip
-        over.append(f"method_options.server_ckpt={server}")
+        # the given server replaces the config's own server stage: train the stages the method then has
+        over += [f"method_options.server_ckpt={server}", "stages=[]"]
+    elif base.stages:
+        over.append("stages=[" + ", ".join(f"{{name: {s.name}, epochs: {cfg.epochs}}}" for s in base.stages) + "]")
     return load_config(path, over)
 
 

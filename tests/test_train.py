@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ppfr.methods import build_method
 from ppfr.train.config import ConfigError, load_config
 from ppfr.train.trainer import Trainer, TrainingDiverged, list_checkpoints, load_latest
 
@@ -44,6 +45,9 @@ def test_every_shipped_config_validates():
         if "base" not in path.name:
             cfg = load_config(path)
             assert cfg.name == path.stem and cfg.method in path.stem
+            if cfg.stages:  # a listed stage must be one the method, built with the config's options, has
+                names = {s.name for s in build_method(cfg.method, **cfg.method_options).stages()}
+                assert {s.name for s in cfg.stages} <= names, path.name
 
 
 def _params(model_path: Path) -> dict:
@@ -173,3 +177,21 @@ def test_tensorboard_events_or_clear_error(tmp_path):
         return
     Trainer(cfg, quiet=True).fit()
     assert list((cfg.run_dir / "tb").glob("events.out.tfevents.*"))
+
+
+def test_keep_freed_memory_takes_on_glibc_and_can_be_turned_off():
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    from ppfr.runtime import keep_freed_memory
+
+    first = keep_freed_memory()
+    assert keep_freed_memory() is first
+    if platform.libc_ver()[0] == "glibc":  # CI and the dev machines: the setting must take
+        assert first
+    off = subprocess.run([sys.executable, "-c", "from ppfr.runtime import keep_freed_memory as k; print(k())"],
+                         env={**os.environ, "PPFR_KEEP_FREED_MEMORY": "0"}, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert off.stdout.strip() == "False"

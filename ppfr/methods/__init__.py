@@ -2,8 +2,8 @@
 
 from ppfr.methods.base import (
     Method, MethodOptions, Payload, Stage, TensorSpec, available_methods, build_method, load_method,
-    register_method,
+    method_class, register_method,
 )  # fmt: skip
 
 __all__ = ["Method", "MethodOptions", "Payload", "Stage", "TensorSpec", "available_methods", "build_method",
-           "load_method", "register_method"]  # fmt: skip
+           "load_method", "method_class", "register_method"]  # fmt: skip

@@ -204,12 +204,17 @@ def make_options(cls: type[MethodOptions], values: dict[str, Any], where: str = 
     return cls(**values)
 
 
-def build_method(name: str, **options: Any) -> Method:
-    """``ppfr.build_method("partialface", depth=18)`` -> a ready method module (see available_methods())."""
+def method_class(name: str) -> type[Method]:
+    """The registered class of a method (its ``Options`` dataclass says what it can be configured with)."""
     _load_builtin()
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; available: {sorted(_REGISTRY)}")
-    cls = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def build_method(name: str, **options: Any) -> Method:
+    """``ppfr.build_method("partialface", depth=18)`` -> a ready method module (see available_methods())."""
+    cls = method_class(name)
     return cls(make_options(cls.Options, options))
 
 

@@ -30,6 +30,9 @@ class MinusFaceOptions(MethodOptions):
     gen_width: int = 64
     alpha: float = 5.0
     beta: float = 1.0
+    # CPU-scale addition, not in the paper: a ``fp_warmup`` stage first trains f_p on clear faces (in X_p's [0, 1]
+    # range) so stage 2 starts from face features and only has to learn the shuffle invariance.
+    fp_warmup: bool = False
 
 
 @register_method
@@ -68,12 +71,17 @@ class MinusFace(Method):
         return self.recognizer_p(payload.tensors["image"])
 
     def stages(self) -> tuple[Stage, ...]:
+        warm = (Stage("fp_warmup", ("recognizer_p",), "f_p on clear faces X/2 + 1/2 (CPU-scale warm start)"),)
         return (
             Stage("stage1", ("generator", "recognizer"), "g and f jointly: alpha L1(X, X') + beta ArcFace(f(r))"),
-            Stage("stage2", ("recognizer_p",), "g frozen; fresh f_p on X_p with ArcFace"),
+            *(warm if self.options.fp_warmup else ()),
+            Stage("stage2", ("recognizer_p",), "g frozen; f_p on X_p with the margin head (ArcFace in the paper)"),
         )
 
     def training_step(self, stage, images, labels, head, generator=None):
+        if stage == "fp_warmup":
+            loss, logits = head(self.recognizer_p(images.float() * 0.5 + 0.5), labels)
+            return {"loss": loss, "cls_loss": loss.detach(), "logits": logits.detach()}
         if stage == "stage1":
             r, gx = self.residue(images)
             recon = 2 * freq_decode(gx) - 1

@@ -117,6 +117,10 @@ class Trainer:
         self.device = torch.device("cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if self.device.type == "cpu":
+            from ppfr.runtime import keep_freed_memory
+
+            keep_freed_memory()
         self.run_dir = cfg.run_dir
         self.is_main = self.rank == 0
         # fp16 needs loss scaling (CUDA); bf16 and fp32 do not: a disabled scaler passes everything through
