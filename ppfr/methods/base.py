@@ -175,8 +175,12 @@ class Method(nn.Module):
     def training_step(self, stage: str, images: torch.Tensor, labels: torch.Tensor, head: nn.Module,
                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
         """Default single-stage step: margin loss on recognize(protect(images))."""
-        emb = self.recognize(self.protect(images, labels=labels, generator=generator))
-        loss, logits = head(emb, labels)
+        return self.margin_step(self.recognize(self.protect(images, labels=labels, generator=generator)), labels, head)
+
+    @staticmethod
+    def margin_step(embeddings: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> dict[str, torch.Tensor]:
+        """The margin-loss-only step: (B, D) embeddings, (B,) labels -> the trainer's step dict."""
+        loss, logits = head(embeddings, labels)
         return {"loss": loss, "cls_loss": loss.detach(), "logits": logits.detach()}
 
 

@@ -137,6 +137,5 @@ class DuetFace(Method):
         if stage == "client":
             x_client, _ = self.split(images)
             emb, _ = self.client(x_client)
-            loss, logits = head(emb, labels)
-            return {"loss": loss, "cls_loss": loss.detach(), "logits": logits.detach()}
+            return self.margin_step(emb, labels, head)
         return super().training_step(stage, images, labels, head, generator)

@@ -80,8 +80,7 @@ class MinusFace(Method):
 
     def training_step(self, stage, images, labels, head, generator=None):
         if stage == "fp_warmup":
-            loss, logits = head(self.recognizer_p(images.float() * 0.5 + 0.5), labels)
-            return {"loss": loss, "cls_loss": loss.detach(), "logits": logits.detach()}
+            return self.margin_step(self.recognizer_p(images.float() * 0.5 + 0.5), labels, head)
         if stage == "stage1":
             r, gx = self.residue(images)
             recon = 2 * freq_decode(gx) - 1
@@ -94,5 +93,4 @@ class MinusFace(Method):
         return self.training_step_from_payload(payload, labels, head)
 
     def training_step_from_payload(self, payload, labels, head):
-        loss, logits = head(self.recognize(payload), labels)
-        return {"loss": loss, "cls_loss": loss.detach(), "logits": logits.detach()}
+        return self.margin_step(self.recognize(payload), labels, head)

@@ -142,8 +142,7 @@ class ProFaceC(Method):
 
     def training_step(self, stage, images, labels, head, generator=None):
         if stage == "server":
-            cls, logits = head(self.server(self._server_input(images.float())), labels)
-            return {"loss": cls, "cls_loss": cls.detach(), "logits": logits.detach()}
+            return self.margin_step(self.server(self._server_input(images.float())), labels, head)
         e_c = self.recognize(self.protect(images, labels=labels, generator=generator))
         with torch.no_grad():
             e_t = self.server(self._server_input(images.float()))
