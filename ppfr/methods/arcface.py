@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ppfr.methods.base import Method, MethodOptions, Payload, Stage, TensorSpec, register_method
+from ppfr.methods.base import (
+    FreqPayloadOperator, Method, MethodOptions, Payload, Stage, TensorSpec, register_method,
+)  # fmt: skip
 from ppfr.models.ir import IRNet
 from ppfr.ops.freq import freq_encode
 
@@ -59,6 +61,10 @@ class ArcFaceFD(Method):
     def protect(self, images, labels=None, generator=None) -> Payload:
         self.check_images(images)
         return Payload(self.name, {"dct": freq_encode(images.float())})
+
+    def payload_operator(self) -> FreqPayloadOperator:
+        """All 192 channels in order, no secret."""
+        return FreqPayloadOperator("dct", torch.arange(192)[None], ("all",))
 
     def recognize(self, payload: Payload) -> torch.Tensor:
         self.check_payload(payload)

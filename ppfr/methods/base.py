@@ -85,6 +85,34 @@ def _tracing() -> bool:
 
 
 @dataclass(frozen=True)
+class FreqPayloadOperator:
+    """A payload tensor that is a known linear function of the face: ``payload.tensors[tensor] ==
+    freq_encode(images, candidates[r])`` for one row r of ``candidates`` per image (METHODS.md §2: block DCT of the
+    8x up-sampled image, a fixed linear map of the pixels).
+
+    tensor: the payload tensor's name.
+    candidates: (R, C) int64 colour-major channel indices (64 * colour + 8u + v), one row per channel list the
+        client may have used -- its whole per-image secret space (R = 1: no secret). The closed-form inversion
+        attack (``ppfr attack --kind inversion``) solves for the face over this operator and, where R > 1, searches
+        the rows by residual: the attacker is never told which row an image used.
+    names: (R,) a label per row (e.g. ``S2P1``: subset 2, permutation 1).
+    """
+
+    tensor: str
+    candidates: torch.Tensor
+    names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        c = self.candidates
+        if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.dtype != torch.int64 or c.numel() == 0:
+            raise ValueError("FreqPayloadOperator.candidates must be a non-empty (R, C) int64 tensor")
+        if len(self.names) != c.shape[0]:
+            raise ValueError(f"FreqPayloadOperator.names has {len(self.names)} labels for {c.shape[0]} candidates")
+        if int(c.min()) < 0 or int(c.max()) >= 192:
+            raise ValueError("FreqPayloadOperator.candidates must be channel indices in [0, 192)")
+
+
+@dataclass(frozen=True)
 class Stage:
     """A training stage: which submodules (attribute names) it trains; all others are frozen."""
 
@@ -123,6 +151,11 @@ class Method(nn.Module):
 
     def recognize(self, payload: Payload) -> torch.Tensor:
         raise NotImplementedError
+
+    def payload_operator(self) -> FreqPayloadOperator | None:
+        """The payload as a known linear function of the image, or None (the default: not linear, e.g. a learned
+        client network's output). Declaring it gives the method the closed-form inversion attack for free."""
+        return None
 
     def embed(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """recognize(protect(images)): the end-to-end embedding (B, D) used for evaluation."""

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ppfr.methods.base import Method, MethodOptions, Payload, Stage, TensorSpec, register_method
+from ppfr.methods.base import (
+    FreqPayloadOperator, Method, MethodOptions, Payload, Stage, TensorSpec, register_method,
+)  # fmt: skip
 from ppfr.models.ir import IRNet
 from ppfr.models.mobilefacenet import ClientMobileFaceNet
 from ppfr.models.pfld import PFLDInference
@@ -116,6 +118,11 @@ class DuetFace(Method):
         _, taps = self.client(x_client)
         tensors = {"dct": x_server, **{f"feat{i}": t.detach() for i, t in enumerate(taps)}, "roi": self.roi(images)}
         return Payload(self.name, tensors)
+
+    def payload_operator(self) -> FreqPayloadOperator:
+        """The server's 162 high-frequency channels (fixed, no secret). The client maps and the ROI are not linear
+        in the image and are left to the learned kinds."""
+        return FreqPayloadOperator("dct", torch.tensor(SERVER_CHANNELS)[None], ("server",))
 
     def recognize(self, payload: Payload) -> torch.Tensor:
         self.check_payload(payload)

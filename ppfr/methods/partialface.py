@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ppfr.methods.base import Method, MethodOptions, Payload, Stage, TensorSpec, register_method
+from ppfr.methods.base import (
+    FreqPayloadOperator, Method, MethodOptions, Payload, Stage, TensorSpec, register_method,
+)  # fmt: skip
 from ppfr.models.ir import IRNet
 from ppfr.ops.freq import freq_encode
 from ppfr.ops.sample_ranks import RankSpace, sample_ranks
@@ -67,6 +69,12 @@ class PartialFace(Method):
         self.check_images(images)
         ranks = self.sample(images, labels, generator)
         return Payload(self.name, {"dct": freq_encode(images.float(), ranks.channels.to(images.device))})
+
+    def payload_operator(self) -> FreqPayloadOperator:
+        """Every rank of the space: m * n channel lists (subset i in permutation j -> row i * n + j, ``SiPj``)."""
+        table = self.space.channel_table()
+        names = tuple(f"S{i}P{j}" for i in range(self.space.m) for j in range(self.space.n))
+        return FreqPayloadOperator("dct", table.reshape(-1, table.shape[-1]), names)
 
     def recognize(self, payload: Payload) -> torch.Tensor:
         self.check_payload(payload)
