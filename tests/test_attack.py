@@ -1,5 +1,5 @@
 """Tests of the privacy evaluation: SSIM / PSNR (ppfr.eval.image_metrics) and the recovery attack
-(ppfr.eval.attack): payload adapters for every method, the attacker's stem, pair subsets, the identity harness on
+(ppfr.eval.attacks): payload adapters for every method, the attacker's stem, pair subsets, the identity harness on
 real faces, and the ``ppfr attack`` verb end to end on a tiny budget."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import ppfr
-from ppfr.eval import attack as atk
+from ppfr.eval.attacks import common as atk
+from ppfr.eval.attacks import recovery as rec
+from ppfr.eval.attacks.cli import run_target
 from ppfr.eval.image_metrics import gaussian_taps, psnr, ssim
 from ppfr.methods import Payload
 
@@ -145,10 +147,10 @@ def test_payload_adapter_shapes(name, faces):
         view = atk.visualise_payload(payload, method.payload_spec)
         assert view.shape == (2, 3, 112, 112) and view.min() >= 0 and view.max() <= 1
         shapes = atk.payload_shapes(payload)
-        attacker = atk.RecoveryAttacker(shapes, stem_width=4, base_width=2)
+        attacker = rec.RecoveryAttacker(shapes, stem_width=4, base_width=2)
         attacker.stem.fit([payload.tensors])
-        rec = attacker.recover(payload.tensors)
-    assert rec.shape == (2, 3, 112, 112) and rec.min() >= 0 and rec.max() <= 1
+        out = attacker.recover(payload.tensors)
+    assert out.shape == (2, 3, 112, 112) and out.min() >= 0 and out.max() <= 1
     if name in ("identity", "arcface"):  # the plain image: the adapter passes it through untouched
         assert torch.equal(flat, faces)
 
@@ -160,7 +162,7 @@ def test_stem_equals_1x1_conv_on_the_flattened_payload(name, faces):
     method = ppfr.build_method(name, **opts).eval()
     with torch.no_grad():
         payload = method.protect(faces, generator=torch.Generator().manual_seed(0))
-        stem = atk.PayloadStem(atk.payload_shapes(payload), width=5)
+        stem = rec.PayloadStem(atk.payload_shapes(payload), width=5)
         stem.fit([payload.tensors])
         torch.nn.init.normal_(stem.bias)
         # in float64: the identity is exact; in float32 channels with std ~1e-6 of a ~0.1 mean (untrained
@@ -192,13 +194,13 @@ def test_adapter_and_attacker_refuse_wrong_payloads():
         atk.payload_to_image(Payload("x", {"a": torch.zeros(2, 3, 4)}))
     with pytest.raises(TypeError, match="Payload"):
         atk.payload_shapes({"a": torch.zeros(1, 3, 8, 8)})
-    a = atk.RecoveryAttacker({"dct": (27, 112, 112)}, stem_width=4, base_width=2)
+    a = rec.RecoveryAttacker({"dct": (27, 112, 112)}, stem_width=4, base_width=2)
     with pytest.raises(ValueError, match=r"expects payload tensors \['dct'\]"):
         a({"image": torch.zeros(1, 3, 112, 112)})
     with pytest.raises(ValueError, match="built for"):
         a({"dct": torch.zeros(1, 26, 112, 112)})
     with pytest.raises(ValueError, match="multiple of 16"):
-        atk.RecoveryAttacker({"image": (3, 100, 100)}, size=100)
+        rec.RecoveryAttacker({"image": (3, 100, 100)}, size=100)
 
 
 def test_training_protections_draw_fresh_secrets(faces):
@@ -320,22 +322,30 @@ def test_cli_writes_json_markdown_and_png(tiny_data, tmp_path):
     model = _save_model(tmp_path / "runs" / "arc_small" / "model.pt", "arcface", depth=18, width=8)
     out = tmp_path / "attack"
     # the model.pt is both a target (rebuilt with load_method) and the re-identification judge
-    rc = main(["attack", str(model), "identity", "method:partialface:depth=18,width=8", "--data",
-               str(tiny_data / "train"), "--val", str(tiny_data / "pairs.txt"), "--judge", str(model), "--out",
-               str(out), "--steps", "2", "--batch-size", "4", "--width", "2", "--stem-width", "4"])  # fmt: skip
+    rc = main(["attack", str(model), "identity", "method:partialface:depth=18,width=8", "--kind", "recovery,inversion",
+               "--data", str(tiny_data / "train"), "--val", str(tiny_data / "pairs.txt"), "--judge", str(model),
+               "--out", str(out), "--steps", "2", "--batch-size", "4", "--width", "2", "--stem-width", "4"])  # fmt: skip
     assert rc == 0
     labels = ["arc_small", "identity", "partialface_depth18_width8_untrained"]
     for label in labels:
         r = json.loads((out / label / "result.json").read_text())
-        assert r["label"] == label and r["train"]["steps"] == 2 and r["heldout"]["images"] == 8
-        assert 0 < r["heldout"]["ssim_mean"] < 1 and r["heldout"]["psnr_mean"] > 0
-        assert r["reid"]["judge"].startswith("arc_small") and r["reid"]["recovered"]["pairs"] == 8
-        assert 0 <= r["reid"]["recovered"]["accuracy"] <= 1 and r["reid"]["original"]["pairs"] == 8
-        assert r["identity_overlap"] == 0
+        assert r["label"] == label and r["heldout_images"] == 8 and r["identity_overlap"] == 0
+        s = r["kinds"]["recovery"]
+        assert s["applies"] and s["train"]["steps"] == 2 and s["n_faces"] == 8
+        assert set(atk.RESULT_KEYS) <= set(s)
+        assert 0 < s["ssim"] < 1 and s["psnr"] > 0
+        assert s["reid"]["judge"].startswith("arc_small") and s["reid"]["recovered"]["pairs"] == 8
+        assert 0 <= s["reid"]["recovered"]["accuracy"] <= 1 and s["reid"]["original"]["pairs"] == 8
         grid = Image.open(out / label / "grid.png")
-        assert grid.size == (8 * 114 - 2, 3 * 114 - 2)  # 8 faces; rows: original / payload / recovered
+        n_rows = len(r["grid"]["rows"])
+        assert grid.size == (8 * 114 - 2, n_rows * 114 - 2)  # 8 faces; rows: original / payload / one per kind
+    arc = json.loads((out / "arc_small" / "result.json").read_text())
+    assert not arc["kinds"]["inversion"]["applies"] and "not a declared linear" in arc["kinds"]["inversion"]["reason"]
     r = json.loads((out / "partialface_depth18_width8_untrained" / "result.json").read_text())
     assert r["payload"] == {"dct": [27, 112, 112]} and r["paper"][0]["ssim"] == 0.591
+    assert r["grid"]["rows"] == ["original", "payload", "inversion", "recovery"]
+    inv = r["kinds"]["inversion"]
+    assert inv["key_recovery"] == 1.0 and inv["secret_space"] == 18 and inv["n_faces"] == 8
     # the grid's first row is the original face (first held-out image, pair-list order)
     first = np.asarray(Image.open(tiny_data / "val" / "v0" / "0.png").convert("RGB"))
     tile = np.asarray(Image.open(out / "identity" / "grid.png"))[:112, :112]
@@ -343,10 +353,16 @@ def test_cli_writes_json_markdown_and_png(tiny_data, tmp_path):
     md = (out / "results.md").read_text()
     assert all(f"| {label} |" in md for label in labels)
     assert len(json.loads((out / "results.json").read_text())) == 3
+    # a second invocation with another kind accumulates into the same result.json
+    rc = main(["attack", "identity", "--kind", "inversion", "--data", str(tiny_data / "train"), "--val",
+               str(tiny_data / "pairs.txt"), "--judge", "none", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    r = json.loads((out / "identity" / "result.json").read_text())
+    assert set(r["kinds"]) == {"recovery", "inversion"}
 
 
 def test_cli_refuses_bad_input_before_training(tiny_data, tmp_path, capsys):
-    from ppfr.eval.attack import main
+    from ppfr.eval.attacks.cli import main
 
     common = ["--data", str(tiny_data / "train"), "--val", str(tiny_data / "pairs.txt"), "--judge", "none",
               "--out", str(tmp_path)]  # fmt: skip
@@ -356,6 +372,12 @@ def test_cli_refuses_bad_input_before_training(tiny_data, tmp_path, capsys):
     assert "per fold" in capsys.readouterr().err
     assert main(["identity", *common, "--steps", "0"]) == 2
     assert "steps" in capsys.readouterr().err
+    assert main(["identity", *common, "--kind", "inverse"]) == 2
+    assert "--kind: unknown kind 'inverse'" in capsys.readouterr().err
+    assert main(["identity", *common, "--inversion-patch", "2"]) == 2
+    assert "inversion_patch" in capsys.readouterr().err
+    assert main(["identity", *common, "--linkage-lr", "-1"]) == 2
+    assert "linkage_lr" in capsys.readouterr().err
     assert not list(tmp_path.glob("*/result.json"))
 
 
@@ -373,13 +395,13 @@ def test_identity_harness_recovers_held_out_faces():
     # loaded 2-core machine
     cfg = atk.AttackConfig(steps=30, batch_size=8, lr=2e-2, stem_width=8, base_width=4, grid_images=0,
                            log_every=50)  # fmt: skip
-    res = atk.run_attack(atk.resolve_target("identity"), train, val, cfg, log=None)
-    assert res["heldout"]["ssim_mean"] > 0.9 and res["heldout"]["psnr_mean"] > 25
+    res = run_target(atk.resolve_target("identity"), ["recovery"], train, val, cfg, log=None)["kinds"]["recovery"]
+    assert res["ssim"] > 0.9 and res["psnr"] > 25
 
     class Blind(atk.IdentityMethod):
         def protect(self, images, labels=None, generator=None):
             return Payload("identity", {"image": torch.zeros_like(images)})
 
     blind = atk.Target(Blind().eval(), "blind", "blind", trained=False)
-    res = atk.run_attack(blind, train, val, cfg, log=None)  # the same budget
-    assert res["heldout"]["ssim_mean"] < 0.6
+    res = run_target(blind, ["recovery"], train, val, cfg, log=None)["kinds"]["recovery"]  # the same budget
+    assert res["ssim"] < 0.6

@@ -65,8 +65,8 @@ from ppfr.models.ir import IRNet
 
 # The FMRs of ``tar_at_fmr``, keyed as they appear in result.json.
 FMRS: dict[str, float] = {"1e-2": 1e-2, "1e-3": 1e-3}
-# Name of the extra adapter input carrying the inversion estimate (leading underscore: no method's payload uses it).
-INVERSION_KEY = "_inversion"
+# Name of the extra adapter input carrying the inversion estimate (the recovery kind's name for it too).
+INVERSION_KEY = "inversion"
 STUDENT_DEPTH, STUDENT_WIDTH = 18, 16
 
 
@@ -209,14 +209,18 @@ def teacher_embed(judge: Judge, x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ linkers
-def _inverter_for(method: Method, train: FaceSet, cfg: AttackConfig) -> Any | None:
-    """The closed-form inverter of ``method``'s payload, or None where the payload is not linear (or the inversion
-    kind is not installed)."""
-    try:
+def inverter_for(ctx: AttackContext) -> Any | None:
+    """The closed-form inverter of the target's payload (``inversion.Inverter``), or None where the payload is not
+    linear. Shared with the other kinds of the run through ``ctx.shared["inverter"]``: it holds only the public
+    prior (the mean training face) and data-independent factorisations, nothing of the held-out faces."""
+    inv = ctx.shared.get("inverter")
+    if inv is None:
         from ppfr.eval.attacks.inversion import Inverter
-    except ImportError:
-        return None
-    return Inverter.for_method(method, train, cfg)
+
+        inv = Inverter.for_method(ctx.method, ctx.train, ctx.cfg)
+        if inv is not None:
+            ctx.shared["inverter"] = inv
+    return inv
 
 
 class Linker:
@@ -319,14 +323,16 @@ def _fit_readout(net: RecoveryAttacker, batches: list[tuple[torch.Tensor, dict[s
 
 
 def build_linker(form: str, method: Method, train: FaceSet, cfg: AttackConfig, embedding_size: int,
-                 device: torch.device | str = "cpu") -> Linker:  # fmt: skip
+                 device: torch.device | str = "cpu", inverter: Any | None = None) -> Linker:  # fmt: skip
     """A linker of ``form`` sized for ``method``'s payload, its stem standardisation fitted on training payloads.
 
-    Adapter: seeded with the inversion where the payload is linear (head and shortcut at zero: untrained output =
-    the estimate), else head at zero and the shortcut the least-squares read-out. Student: IR-18 on the stem.
+    Adapter: seeded with ``inverter`` when given (:func:`inverter_for`; head and shortcut at zero: the untrained
+    output is the estimate), else head at zero and the shortcut the least-squares read-out. Student: IR-18 on the
+    stem (``inverter`` ignored: FaceLinkGen's student sees the payload only). ``embedding_size``: the teacher's D.
     Parameter init draws from the global RNG; :meth:`LinkageAttack.run` seeds and restores it around this.
     """
-    inverter = _inverter_for(method, train, cfg) if form == "adapter" else None
+    if form != "adapter":
+        inverter = None
     batches = _norm_batches(method, train, cfg, inverter, device)
     shapes = payload_shapes(Payload("probe", batches[0][1]))
     size = int(train.images.shape[-1])
@@ -511,7 +517,8 @@ class LinkageAttack(Attack):
         with frozen_teacher(ctx.judge), torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed)
             dim = _probe_dim(ctx.judge, ctx.train, ctx.device)
-            linker = build_linker(form, ctx.method, ctx.train, cfg, dim, ctx.device)
+            inverter = inverter_for(ctx) if form == "adapter" else None
+            linker = build_linker(form, ctx.method, ctx.train, cfg, dim, ctx.device, inverter)
             n_params = sum(p.numel() for p in linker.net.parameters())
             if log:
                 log(f"[linkage] form {form}{' (seeded with the inversion)' if linker.inverter is not None else ''}, "
