@@ -45,7 +45,11 @@ def test_study_end_to_end_and_resume(tmp_path):
     assert [r["method"] for r in rows] == ["arcface", "profacec"]
     for r in rows:
         assert 0.0 <= r["verification"]["flip"]["accuracy"] <= 1.0 and "before" in r["train"]
-        assert r["cost"]["payload_bytes"] > 0 and np.isfinite(r["attack"]["heldout"]["ssim_mean"])
+        kinds = r["attack"]["kinds"]
+        assert r["cost"]["payload_bytes"] > 0 and np.isfinite(kinds["recovery"]["ssim"])
+        assert set(kinds) == {"inversion", "recovery", "linkage"}  # every kind, recorded even where it cannot run
+        assert kinds["inversion"]["applies"] is False  # neither payload is linear in the image
+        assert "teacher" in kinds["linkage"]["skipped"]  # judge none: linkage has no teacher
     # PRO-Face C's frozen server is the study's arcface backbone
     pro = torch.load(tmp_path / "study" / "runs" / "profacec" / "model.pt", weights_only=True)
     arc = torch.load(tmp_path / "study" / "runs" / "arcface" / "model.pt", weights_only=True)
@@ -55,11 +59,13 @@ def test_study_end_to_end_and_resume(tmp_path):
     assert server.keys() == backbone.keys() and all(torch.equal(server[k], backbone[k]) for k in server)
     report = (tmp_path / "docs" / "results.md").read_text()
     assert "| arcface |" in report and "| profacec |" in report and "ppfr study --data" in report
+    assert "Measured privacy ordering" in report and "| n/a |" in report
     assert len(json.loads((tmp_path / "study" / "study.json").read_text())) == 2
     # a rerun reuses the trained models and finished attacks
     logs.clear()
     run_study(cfg, log=logs.append)
     assert sum("reusing" in m for m in logs) == 2 and not any("training" in m for m in logs)
+    assert not any("recovery:" in m for m in logs)  # finished attack kinds are not run again
 
 
 def test_study_refuses_unknown_method(tmp_path):

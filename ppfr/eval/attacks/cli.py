@@ -118,7 +118,7 @@ def one_line(sec: dict[str, Any]) -> str:
         parts.append(f"key recovery {sec['key_recovery'] * 100:.1f} %")
     if sec.get("skipped"):
         parts.append(f"skipped: {sec['skipped']}")
-    parts.append(f"{sec.get('time_s', 0):.0f}s")
+    parts.append(f"{sec.get('time_s') or 0:.0f}s")
     return ", ".join(parts)
 
 

@@ -251,7 +251,7 @@ class AttackConfig:
     secrets: str = "fresh"
     init: str = "none"
     inversion_ridge: float = 1e-9
-    inversion_patch: int = 32
+    inversion_patch: int = 24
     linkage_form: str = "auto"
     linkage_steps: int = 200
     linkage_batch_size: int = 16
