@@ -8,6 +8,7 @@ target's ``result.json`` and draws one picture grid with a row per attack that o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -52,11 +53,42 @@ def _grid_heads(ctx: AttackContext) -> tuple[torch.Tensor, torch.Tensor]:
     return (x * 0.5 + 0.5).cpu(), view.cpu()
 
 
+def section_name(kind: str, secrets: str) -> str:
+    """The key of a kind's section in result.json: ``linkage`` (fresh secrets) or ``linkage/fixed``."""
+    return kind if secrets == "fresh" else f"{kind}/{secrets}"
+
+
+@torch.no_grad()
+def has_secrets(method: Any, images: torch.Tensor) -> bool:
+    """True when the payload depends on the protection generator (a per-image secret: rank, shuffle, layout)."""
+    a = method.protect(images, generator=torch.Generator().manual_seed(1))
+    b = method.protect(images, generator=torch.Generator().manual_seed(2))
+    return any(not torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
 def run_target(target: Target, kinds: Iterable[str], train: FaceSet, val: FaceSet, cfg: AttackConfig,
                out_dir: Path | None = None, judge: Judge | None = None,
                judge_original: VerificationResult | None = None, device: torch.device | str = "cpu",
-               log: Callable[[str], None] | None = print) -> dict[str, Any]:  # fmt: skip
-    """Run ``kinds`` on one target; returns (and with ``out_dir`` writes) the merged result."""
+               log: Callable[[str], None] | None = print, secrets: Iterable[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run ``kinds`` on one target under each secrets mode (default: ``cfg.secrets``); returns (and with
+    ``out_dir`` writes) the merged result. Sections are keyed by :func:`section_name`; ``fixed`` is skipped with a
+    note for a method whose payload has no per-image secret (it would repeat ``fresh``)."""
+    modes = list(secrets or [cfg.secrets])
+    kinds = list(kinds)
+    if modes != ["fresh"] and not has_secrets(target.method, train.batch(torch.arange(min(2, len(train)))).to(device)):
+        if log:
+            log(f"[{target.label}] the payload has no per-image secret: 'fixed' would repeat 'fresh', skipped")
+        modes = [m for m in modes if m == "fresh"] or ["fresh"]
+    result: dict[str, Any] = {}
+    for mode in modes:
+        result = _run_mode(target, kinds, train, val, dataclasses.replace(cfg, secrets=mode), out_dir, judge,
+                           judge_original, device, log)  # fmt: skip
+    return result
+
+
+def _run_mode(target: Target, kinds: list[str], train: FaceSet, val: FaceSet, cfg: AttackConfig,
+              out_dir: Path | None, judge: Judge | None, judge_original: VerificationResult | None,
+              device: torch.device | str, log: Callable[[str], None] | None) -> dict[str, Any]:  # fmt: skip
     ctx = AttackContext(target, train, val, cfg, judge, judge_original, device, log)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -71,7 +103,7 @@ def run_target(target: Target, kinds: Iterable[str], train: FaceSet, val: FaceSe
         attack = build_attack(kind)
         reason = attack.applies(target.method)
         if reason is not None:
-            sections[kind] = {"applies": False, "reason": reason}
+            sections[section_name(kind, cfg.secrets)] = {"applies": False, "reason": reason}
             if log:
                 log(f"[{target.label}] {kind}: does not apply ({reason})")
             continue
@@ -79,11 +111,12 @@ def run_target(target: Target, kinds: Iterable[str], train: FaceSet, val: FaceSe
             log(f"[{target.label}] {kind}: {attack.description}")
         sec = attack.run(ctx)
         grid = sec.pop("_grid", None)
+        name = section_name(kind, cfg.secrets)
         if grid is not None and len(grid):
-            rows.append((kind, grid.cpu()))
-        sections[kind] = {"applies": True, "secrets": cfg.secrets, **sec}
+            rows.append((name, grid.cpu()))
+        sections[name] = {"applies": True, "kind": kind, "secrets": cfg.secrets, **sec}
         if log:
-            log(f"[{target.label}] {kind}: {one_line(sections[kind])}")
+            log(f"[{target.label}] {name}: {one_line(sections[name])}")
     extra = {"payload": {k: list(v) for k, v in shapes.items()}, "payload_channels": sum(v[0] for v in shapes.values()),
              "train_images": len(train), "train_identities": int(torch.unique(train.labels).numel()),
              "heldout_images": len(val), "identity_overlap": identity_overlap(train.source, val.source),
@@ -92,8 +125,9 @@ def run_target(target: Target, kinds: Iterable[str], train: FaceSet, val: FaceSe
         orig, view = _grid_heads(ctx)
         d = Path(out_dir) / target.label
         d.mkdir(parents=True, exist_ok=True)
-        save_grid([orig, view, *[r for _, r in rows]], d / "grid.png")
-        extra["grid"] = {"file": "grid.png", "rows": ["original", "payload", *[k for k, _ in rows]]}
+        suffix = "" if cfg.secrets == "fresh" else f"_{cfg.secrets}"
+        save_grid([orig, view, *[r for _, r in rows]], d / f"grid{suffix}.png")
+        extra[f"grid{suffix}"] = {"file": f"grid{suffix}.png", "rows": ["original", "payload", *[k for k, _ in rows]]}
     return merge_result(out_dir, target, sections, extra)
 
 
@@ -200,8 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--judge-dir", default=None,
                     help="face-api.js weights folder (default $PPFR_FACEAPI_DIR or ../shared/models/faceapi)")
     ap.add_argument("--out", default="runs/attack", help="output folder (default runs/attack)")
-    ap.add_argument("--secrets", default=d.secrets, choices=["fresh", "fixed"],
-                    help="fresh per-image secrets (default) or one fixed key for every face")
+    ap.add_argument("--secrets", default=d.secrets, choices=["fresh", "fixed", "both"],
+                    help="fresh per-image secrets (default), one fixed key for every face (an attacker holding the "
+                         "client's key), or both side by side")
     ap.add_argument("--init", default=d.init, choices=["none", "inversion"],
                     help="learned kinds also see the closed-form inversion estimate (where the payload is linear)")
     ap.add_argument("--steps", type=int, default=d.steps, help="recovery training steps (default %(default)s)")
@@ -237,7 +272,8 @@ def config_from_args(args: argparse.Namespace) -> AttackConfig:
     return AttackConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, stem_width=args.stem_width,
                         base_width=args.width, loss=args.loss, max_train_images=args.max_train_images,
                         max_val_images=args.max_val_images, max_pairs=args.max_pairs, flip=not args.no_flip,
-                        seed=args.seed, time_limit=args.time_limit, secrets=args.secrets, init=args.init,
+                        seed=args.seed, time_limit=args.time_limit, secrets="fresh" if args.secrets == "both"
+                        else args.secrets, init=args.init,
                         inversion_ridge=args.inversion_ridge, inversion_patch=args.inversion_patch,
                         linkage_form=args.linkage_form, linkage_steps=args.linkage_steps,
                         linkage_batch_size=args.linkage_batch_size, linkage_lr=args.linkage_lr,
@@ -280,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     for target in targets:
         try:
-            run_target(target, kinds, train, val, cfg, out, judge, original, device)
+            modes = ["fresh", "fixed"] if args.secrets == "both" else [args.secrets]
+            run_target(target, kinds, train, val, cfg, out, judge, original, device, secrets=modes)
         except AttackError as exc:
             print(f"ppfr attack: {target.label}: {exc}", file=sys.stderr)
             return 2

@@ -55,8 +55,8 @@ from torch import nn
 from ppfr.data.sources import PairSource
 from ppfr.eval.attacks import register_attack
 from ppfr.eval.attacks.common import (
-    EVAL_STREAM, NORM_STREAM, TRAIN_STREAM, Attack, AttackConfig, AttackContext, AttackError, FaceSet, Judge,
-    identity_index, payload_shapes, protect_with,
+    EVAL_STREAM, NORM_STREAM, RESULT_KEYS, TRAIN_STREAM, Attack, AttackConfig, AttackContext, AttackError, FaceSet,
+    Judge, identity_index, payload_shapes, protect_with,
 )  # fmt: skip
 from ppfr.eval.attacks.recovery import PayloadStem, RecoveryAttacker
 from ppfr.eval.verification import VerificationResult, ten_fold
@@ -356,7 +356,8 @@ def build_linker(form: str, method: Method, train: FaceSet, cfg: AttackConfig, e
 
 
 def train_linker(linker: Linker, method: Method, judge: Judge, train: FaceSet, cfg: AttackConfig,
-                 device: torch.device | str = "cpu", log: Callable[[str], None] | None = print) -> dict[str, Any]:  # fmt: skip
+                 device: torch.device | str = "cpu",
+                 log: Callable[[str], None] | None = print) -> dict[str, Any]:  # fmt: skip
     """Train ``linker.net`` for ``cfg.linkage_steps`` steps of ``cfg.linkage_batch_size`` training faces.
 
     Each step: random faces (random flips when ``cfg.flip``), protected under ``cfg.secrets`` (fresh secrets per
@@ -375,35 +376,38 @@ def train_linker(linker: Linker, method: Method, judge: Judge, train: FaceSet, c
     linker.net.train()
     t0 = time.perf_counter()
     step = 0
-    for step in range(1, total + 1):
-        idx = torch.randint(len(train), (bs,), generator=g)
-        x = train.batch(idx)
-        if cfg.flip:  # flip the clean face before protection: payload and target see the same face
-            flip = torch.rand(bs, generator=g) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        x = x.to(device)
-        target = teacher_embed(judge, x)
-        payload = protect_with(method, x, cfg, TRAIN_STREAM, step)
-        z = F.normalize(linker.embed(payload, judge).float(), dim=1)
-        loss = 1.0 - (z * target).sum(1).mean()
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"linkage loss became {loss.item()} at step {step}; lower linkage_lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        window.append(loss.item())
-        timed_out = cfg.time_limit is not None and time.perf_counter() - t0 > cfg.time_limit
-        if step % cfg.log_every == 0 or step == total or timed_out:
-            curve.append((step, float(np.mean(window))))
-            window = []
-            if log:
-                el = time.perf_counter() - t0
-                log(f"  linkage step {step}/{total}  loss {curve[-1][1]:.4f}  {step * bs / el:.1f} img/s  {el:.0f}s")
-        if timed_out:
-            if log:
-                log(f"  linkage: time limit {cfg.time_limit:.0f}s reached after {step} steps")
-            break
+    # enable_grad: a caller's no_grad context must not turn training into an error (or a silent no-op)
+    with torch.enable_grad():
+        for step in range(1, total + 1):
+            idx = torch.randint(len(train), (bs,), generator=g)
+            x = train.batch(idx)
+            if cfg.flip:  # flip the clean face before protection: payload and target see the same face
+                flip = torch.rand(bs, generator=g) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            x = x.to(device)
+            target = teacher_embed(judge, x)
+            payload = protect_with(method, x, cfg, TRAIN_STREAM, step)
+            z = F.normalize(linker.embed(payload, judge).float(), dim=1)
+            loss = 1.0 - (z * target).sum(1).mean()
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"linkage loss became {loss.item()} at step {step}; lower linkage_lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            window.append(loss.item())
+            timed_out = cfg.time_limit is not None and time.perf_counter() - t0 > cfg.time_limit
+            if step % cfg.log_every == 0 or step == total or timed_out:
+                curve.append((step, float(np.mean(window))))
+                window = []
+                if log:
+                    el = time.perf_counter() - t0
+                    log(f"  linkage step {step}/{total}  loss {curve[-1][1]:.4f}  {step * bs / el:.1f} img/s  "
+                        f"{el:.0f}s")  # fmt: skip
+            if timed_out:
+                if log:
+                    log(f"  linkage: time limit {cfg.time_limit:.0f}s reached after {step} steps")
+                break
     secs = time.perf_counter() - t0
     linker.net.eval()
     return {"steps": step, "batch_size": bs, "seconds": round(secs, 2),
@@ -412,8 +416,8 @@ def train_linker(linker: Linker, method: Method, judge: Judge, train: FaceSet, c
 
 
 @torch.no_grad()
-def embed_heldout(linker: Linker, ctx: AttackContext,
-                  grid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def embed_heldout(linker: Linker, ctx: AttackContext, grid: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """Every held-out face, clean through the teacher and protected (evaluation secrets, batch k of
     ``cfg.eval_batch_size`` faces in index order -> ``protect_with(..., EVAL_STREAM, k)``) through the linker.
 
@@ -478,8 +482,8 @@ def _probe_dim(judge: Judge, train: FaceSet, device: torch.device | str) -> int:
 
 
 def _skipped(reason: str, form: str) -> dict[str, Any]:
-    return {"skipped": reason, "form": form, "linkage_top1": None, "linkage_topk": None, "tar_at_fmr": None,
-            "ssim": None, "psnr": None, "reid_acc": None, "key_recovery": None, "n_faces": None, "time_s": None}  # fmt: skip
+    """The section of a run that could not attack: every result key None, and why."""
+    return {**dict.fromkeys(RESULT_KEYS), "skipped": reason, "form": form}
 
 
 @register_attack
