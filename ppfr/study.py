@@ -66,7 +66,7 @@ class StudyConfig:
     attack_train_images: int = 1500
     attack_pairs: int | None = 600
     attack_kinds: str = "all"
-    linkage_steps: int = 200
+    linkage_steps: int = 100
     judge: str = "faceapi"
     judge_dir: str | None = None
     timing_batch: int = 32

@@ -27,6 +27,7 @@ from ppfr.eval.attacks.common import (
     resolve_target, save_grid, visualise_payload,
 )  # fmt: skip
 from ppfr.eval.verification import VerificationResult
+from ppfr.methods.base import Payload
 
 
 def parse_kinds(text: str) -> list[str]:
@@ -45,12 +46,17 @@ def parse_kinds(text: str) -> list[str]:
 
 @torch.no_grad()
 def _grid_heads(ctx: AttackContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grid's first two rows: the original faces and what the wire shows (evaluation secrets)."""
+    """The grid's first two rows: the original faces and what the wire shows -- each face protected in its own
+    evaluation batch with that batch's secrets, so the row shows the very payload the kinds attacked."""
+    bs, views = ctx.cfg.eval_batch_size, []
     idx = ctx.grid_index()
-    x = ctx.val.batch(idx).to(ctx.device)
-    payload = protect_with(ctx.method, x, ctx.cfg, EVAL_STREAM, 10_000)
-    view = visualise_payload(payload, getattr(ctx.method, "payload_spec", None))
-    return (x * 0.5 + 0.5).cpu(), view.cpu()
+    for i in idx.tolist():
+        k = i // bs
+        x = ctx.val.batch(torch.arange(k * bs, min((k + 1) * bs, len(ctx.val)))).to(ctx.device)
+        payload = protect_with(ctx.method, x, ctx.cfg, EVAL_STREAM, k)
+        one = Payload(payload.method, {n: t[i - k * bs : i - k * bs + 1] for n, t in payload.tensors.items()})
+        views.append(visualise_payload(one, getattr(ctx.method, "payload_spec", None)).cpu())
+    return (ctx.val.batch(idx) * 0.5 + 0.5).cpu(), torch.cat(views)
 
 
 def section_name(kind: str, secrets: str) -> str:

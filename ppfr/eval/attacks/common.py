@@ -221,8 +221,9 @@ class AttackConfig:
     secrets: ``fresh`` (every training batch protected with new per-image secrets, scored on fresh secrets: an
         attacker who does not know the key) or ``fixed`` (one key, the same for every face, in training and
         scoring: an attacker who holds the client's key, as in the key-adaptive variants of the papers).
-    init: ``none`` or ``inversion``: the learned kinds (recovery, linkage) also get the closed-form inversion
-        estimate as input where the payload is linear (ignored where it is not).
+    init: ``none`` or ``inversion``: the recovery U-Net also gets the closed-form inversion estimate as input where
+        the payload is linear (ignored where it is not). The linkage adapter always starts from it where the payload
+        is linear: it is the strongest form, and linkage reports the strongest attack.
     inversion_ridge: Tikhonov weight of the inversion toward the public mean face (docs/attack.md).
     inversion_patch: side of the payload patch the secret search scores candidates on (centre of the face).
     linkage_form: ``auto`` (the strongest that applies: ``adapter``), ``adapter`` (payload -> image network ->
@@ -253,7 +254,7 @@ class AttackConfig:
     inversion_ridge: float = 1e-9
     inversion_patch: int = 24
     linkage_form: str = "auto"
-    linkage_steps: int = 200
+    linkage_steps: int = 100
     linkage_batch_size: int = 16
     linkage_lr: float = 1e-3
     linkage_topk: int = 5
@@ -442,6 +443,7 @@ class Judge:
 
     name: str
     embed: Embed
+    module: torch.nn.Module | None = None  # the network behind ``embed`` (a teacher is frozen through it)
 
 
 def make_judge(spec: str, judge_dir: str | None = None, device: torch.device | str = "cpu") -> Judge | None:
@@ -465,7 +467,7 @@ def make_judge(spec: str, judge_dir: str | None = None, device: torch.device | s
             judge = load_faceapi_judge(d, device=device)
         except CheckpointError as exc:
             raise AttackError(f"--judge faceapi: {exc}") from None
-        return Judge("faceapi", lambda x: judge.embed(x))
+        return Judge("faceapi", lambda x: judge.embed(x), judge)
     if spec == "identity":
         raise AttackError("--judge identity: the identity pseudo-method has no recogniser; use faceapi or a model.pt")
     target = resolve_target(spec, device)
@@ -477,7 +479,7 @@ def make_judge(spec: str, judge_dir: str | None = None, device: torch.device | s
         # a fixed generator: the judge's own protection (if any) must not add noise between the two images of a pair
         return m.embed(x, generator=torch.Generator().manual_seed(0))
 
-    return Judge(f"{target.label} ({m.name})", embed)
+    return Judge(f"{target.label} ({m.name})", embed, m)
 
 
 @torch.no_grad()

@@ -28,8 +28,8 @@ channels carried). The attack:
    (1e-9; the operators' squared singular values reach 8.06) is far below every observed direction, so the data
    decide all they see and the mean face fills the rest. Back to RGB by the inverse colour map, clamped to [-1, 1].
 
-Measured on celeba112 (64 held-out faces, mean of 500 public faces, ridge 1e-9): SSIM 1.000 for all 192 channels,
-0.919 for DuetFace's 162 server channels, 0.77-0.92 per PartialFace subset of the code space (S1, whose channels
+Measured on celeba112 (64 held-out faces, mean of 2000 public faces, ridge 1e-9): SSIM 1.000 for all 192 channels,
+0.919 for DuetFace's 162 server channels, 0.769-0.919 per PartialFace subset of the code space (S1, whose channels
 all have u, v >= 1, is the hardest). A Gaussian (PCA, 200 components) prior in place of the mean face moved those
 figures by < 0.01 (``docs/attack.md``), so the mean-face prior is kept: it is simple and documented.
 
