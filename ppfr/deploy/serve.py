@@ -212,57 +212,131 @@ class BatchingWorker:
                     if not job.done.is_set():
                         job.finish(error=RequestError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
-    def _process(self, batch: list[_Job]) -> None:
-        jobs = [j for j in batch if j.claim()]  # cancelled (timed-out) requests are dropped here
-        if not jobs:
-            return
+    def _embed(self, jobs: list[_Job]) -> list[np.ndarray | None]:
+        """One ``runner.run`` over the jobs' samples -> each job's (n, D) slice, or None for a job whose inference
+        failed (it is answered here). Only the shape is checked here: whether a row is usable is a per-sample
+        question (``_normalized``), so that one degenerate sample cannot fail the requests batched with it."""
         keys = list(jobs[0].inputs)
         inputs = jobs[0].inputs if len(jobs) == 1 else {k: np.concatenate([j.inputs[k] for j in jobs]) for k in keys}
         total = sum(j.n for j in jobs)
         try:
             emb = np.asarray(self.runner.run(inputs), dtype=np.float32)
-            if emb.shape != (total, self.runner.embedding_size) or not np.all(np.isfinite(emb)):
-                raise RuntimeError(f"runner returned {emb.shape} (finite: {bool(np.all(np.isfinite(emb)))}), "
-                                   f"expected finite ({total}, {self.runner.embedding_size})")  # fmt: skip
+            if emb.shape != (total, self.runner.embedding_size):
+                raise RuntimeError(f"runner returned {emb.shape}, expected ({total}, {self.runner.embedding_size})")
         except Exception as exc:
+            if len(jobs) > 1:
+                # The batched call failed as a whole: run every request alone, so only the one(s) that make the
+                # runner fail get the error (rare, so the cost of unbatching does not matter).
+                log.warning("batch of %d requests failed (%s: %s); retrying them one by one", len(jobs),
+                            type(exc).__name__, exc)  # fmt: skip
+                return [self._embed([j])[0] for j in jobs]
             log.exception("inference failed")
-            for j in jobs:
-                j.finish(error=RequestError(500, f"inference failed: {type(exc).__name__}: {exc}"))
-            return
+            jobs[0].finish(error=RequestError(500, f"inference failed: {type(exc).__name__}: {exc}"))
+            return [None]
         self.batches += 1
         self.samples += total
         offsets = np.cumsum([0] + [j.n for j in jobs])
-        parts = [emb[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-        thr = self.config.threshold
+        return [emb[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+    @staticmethod
+    def _normalized(emb: np.ndarray) -> np.ndarray:
+        """A request's (n, D) embeddings as unit rows, or RequestError(422) if any row cannot be compared by
+        cosine: not finite, or of (near) zero norm. Such a payload passed the input checks (well-formed, finite, in
+        range) but the network maps it to nothing usable: all zeros embed to a zero vector, huge values such as
+        1e30 or 3e38 overflow (a zero or NaN row). The norm is taken in float64, so a large but finite embedding
+        from a runner that does not normalise is rescaled instead of overflowing to a zero row."""
+        wide = emb.astype(np.float64)
+        norms = np.linalg.norm(wide, axis=1)
+        bad = np.flatnonzero(~np.isfinite(wide).all(axis=1) | ~(norms > 1e-6) | ~np.isfinite(norms))
+        if bad.size:
+            i = int(bad[0])
+            what = "not finite" if not np.isfinite(wide[i]).all() else f"of norm {norms[i]:.3g}"
+            raise RequestError(422, f"payload sample {i} has no usable embedding (it is {what}; {bad.size} of "
+                                    f"{len(emb)} samples): the payload is well-formed but degenerate (e.g. all "
+                                    f"zeros, or values far outside what the method's protect produces)")  # fmt: skip
+        return (wide / norms[:, None]).astype(np.float32)
+
+    def _process(self, batch: list[_Job]) -> None:
+        jobs = [j for j in batch if j.claim()]  # cancelled (timed-out) requests are dropped here
+        if not jobs:
+            return
+        parts = self._embed(jobs)
+        # Every request is judged on its own samples: a degenerate one is answered 422 and leaves the batch, the
+        # others go on exactly as if it had never been sent (the runner embeds samples independently).
+        ok: list[tuple[_Job, np.ndarray]] = []
+        for j, e in zip(jobs, parts):
+            if e is None:  # answered by _embed
+                continue
+            try:
+                ok.append((j, self._normalized(e)))
+            except RequestError as exc:
+                j.finish(error=exc)
         # Requests of one batch are concurrent (none has been answered), so applying every enrolment first and
         # then answering the searches is a valid serial order, and costs one gallery save per batch.
-        enrols = [(j, e) for j, e in zip(jobs, parts) if j.kind == "enrol"]
+        enrols = [(j, e) for j, e in ok if j.kind == "enrol"]
         if enrols:
-            try:
-                counts = self.gallery.enrol_many([(j.name, e) for j, e in enrols])
-            except Exception as exc:  # e.g. the disk is full: the gallery (memory and file) is unchanged
-                log.exception("enrolment failed")
-                for j, _ in enrols:
-                    j.finish(error=RequestError(500, f"enrolment not saved: {type(exc).__name__}: {exc}"))
-            else:
-                for (j, e), c in zip(enrols, counts):
-                    j.finish({"name": j.name, "added": int(e.shape[0]), "embeddings": c})
-        searches = [(j, e) for j, e in zip(jobs, parts) if j.kind == "identify"]
+            self._enrol(enrols)
+        searches = [(j, e) for j, e in ok if j.kind == "identify"]
         if searches:
-            ranked = self.gallery.search(np.concatenate([e for _, e in searches]), max(j.top_k for j, _ in searches))
-            for (j, _), cands in zip(searches, ranked):
-                cands = cands[: j.top_k]
-                best = cands[0] if cands and cands[0].score >= thr else None
-                j.finish({"candidates": [{"name": c.name, "score": c.score} for c in cands],
-                          "match": best.name if best else None, "threshold": thr})  # fmt: skip
-        for j, e in zip(jobs, parts):
+            self._grouped(searches, self._identify, "identify")
+        for j, e in ok:
             if j.kind == "verify":
-                try:
-                    score = float(self.gallery.verify(j.name, e)[0])
-                except KeyError:  # removed while the request was queued
-                    j.finish(error=RequestError(404, f"identity {j.name!r} is not enrolled"))
-                    continue
-                j.finish({"name": j.name, "score": score, "match": score >= thr, "threshold": thr})
+                self._grouped([(j, e)], self._verify, "verify")
+
+    def _grouped(self, items: list[tuple[_Job, np.ndarray]], fn: Any, what: str) -> None:
+        """``fn(items)`` answers the items together; if it raises, answer them one by one so that only the item
+        that makes it fail gets the (500) error, never its batch-mates."""
+        try:
+            fn(items)
+            return
+        except Exception as exc:
+            if len(items) == 1:
+                log.exception("%s failed", what)
+                items[0][0].finish(error=RequestError(500, f"{what} failed: {type(exc).__name__}: {exc}"))
+                return
+        for item in items:
+            if not item[0].done.is_set():
+                self._grouped([item], fn, what)
+
+    def _identify(self, searches: list[tuple[_Job, np.ndarray]]) -> None:
+        thr = self.config.threshold
+        ranked = self.gallery.search(np.concatenate([e for _, e in searches]), max(j.top_k for j, _ in searches))
+        for (j, _), cands in zip(searches, ranked):
+            cands = cands[: j.top_k]
+            best = cands[0] if cands and cands[0].score >= thr else None
+            j.finish({"candidates": [{"name": c.name, "score": c.score} for c in cands],
+                      "match": best.name if best else None, "threshold": thr})  # fmt: skip
+
+    def _verify(self, items: list[tuple[_Job, np.ndarray]]) -> None:
+        thr = self.config.threshold
+        for j, e in items:
+            try:
+                score = float(self.gallery.verify(j.name, e)[0])
+            except KeyError:  # removed while the request was queued
+                j.finish(error=RequestError(404, f"identity {j.name!r} is not enrolled"))
+                continue
+            j.finish({"name": j.name, "score": score, "match": score >= thr, "threshold": thr})
+
+    def _enrol(self, enrols: list[tuple[_Job, np.ndarray]]) -> None:
+        try:
+            counts = self.gallery.enrol_many([(j.name, e) for j, e in enrols])
+        except ValueError as exc:
+            # A bad item (enrol_many is all or nothing): apply the others one by one so it fails alone. Cannot
+            # happen after _normalized, but a gallery rule added later must not turn into batch-wide failures.
+            if len(enrols) > 1:
+                for item in enrols:
+                    self._enrol([item])
+                return
+            enrols[0][0].finish(error=RequestError(422, f"enrolment refused: {exc}"))
+            return
+        except Exception as exc:  # e.g. the disk is full: the gallery (memory and file) is unchanged
+            # Not the fault of any one request, and retrying each would only fail again: all get the error.
+            log.exception("enrolment failed")
+            for j, _ in enrols:
+                j.finish(error=RequestError(500, f"enrolment not saved: {type(exc).__name__}: {exc}"))
+            return
+        for (j, e), c in zip(enrols, counts):
+            j.finish({"name": j.name, "added": int(e.shape[0]), "embeddings": c})
 
 
 # ------------------------------------------------------------------------------------------------- service

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -421,6 +422,58 @@ def protect_with(method: Method, images: torch.Tensor, cfg: AttackConfig, stream
     parts = [method.protect(images[i : i + 1], generator=torch.Generator().manual_seed(FIXED_KEY_SEED))
              for i in range(images.shape[0])]  # fmt: skip
     return Payload(parts[0].method, {k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors})
+
+
+def fit_attacker(module: torch.nn.Module, loss_fn: Callable[[torch.Tensor, int], torch.Tensor], train: FaceSet,
+                 cfg: AttackConfig, *, steps: int, lr: float, batch_size: int, seed: int, name: str,
+                 device: torch.device | str = "cpu", log: Callable[[str], None] | None = print) -> dict[str, Any]:  # fmt: skip
+    """The training loop every learned kind shares: ``steps`` batches of ``batch_size`` public faces (random
+    horizontal flips when ``cfg.flip``, drawn from a generator seeded with ``seed``), ``loss_fn(faces (B, 3, S, S)
+    in [-1, 1], step) -> scalar``, Adam on ``module``'s trainable parameters at ``lr`` cosine-decayed to 0, early
+    stop at ``cfg.time_limit`` seconds. Runs under ``enable_grad`` (a caller's ``no_grad`` must not make training a
+    silent no-op). Returns steps, seconds, images/s, first/last loss (means over ``cfg.log_every``-step windows) and
+    the loss curve."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    g = torch.Generator().manual_seed(seed)
+    bs = min(batch_size, len(train))
+    curve: list[tuple[int, float]] = []
+    window: list[float] = []
+    module.train()
+    t0 = time.perf_counter()
+    step = 0
+    with torch.enable_grad():
+        for step in range(1, steps + 1):
+            x = train.batch(torch.randint(len(train), (bs,), generator=g))
+            if cfg.flip:  # flip the clean face before protection: payload and target see the same face
+                flip = torch.rand(bs, generator=g) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            loss = loss_fn(x.to(device), step)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"{name} loss became {loss.item()} at step {step}; lower its learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            window.append(loss.item())
+            timed_out = cfg.time_limit is not None and time.perf_counter() - t0 > cfg.time_limit
+            if step % cfg.log_every == 0 or step == steps or timed_out:
+                curve.append((step, float(np.mean(window))))
+                window = []
+                if log:
+                    el = time.perf_counter() - t0
+                    log(f"  {name} step {step}/{steps}  loss {curve[-1][1]:.4f}  {step * bs / el:.1f} img/s  "
+                        f"{el:.0f}s")  # fmt: skip
+            if timed_out:
+                if log:
+                    log(f"  {name}: time limit {cfg.time_limit:.0f}s reached after {step} steps")
+                break
+    secs = time.perf_counter() - t0
+    module.eval()
+    return {"steps": step, "batch_size": bs, "seconds": round(secs, 2),
+            "images_per_s": round(step * bs / max(secs, 1e-9), 2), "loss_first": curve[0][1] if curve else None,
+            "loss_last": curve[-1][1] if curve else None, "loss_curve": curve}  # fmt: skip
 
 
 def identity_index(faces: FaceSet) -> torch.Tensor:

@@ -56,7 +56,7 @@ from ppfr.data.sources import PairSource
 from ppfr.eval.attacks import register_attack
 from ppfr.eval.attacks.common import (
     EVAL_STREAM, NORM_STREAM, RESULT_KEYS, TRAIN_STREAM, Attack, AttackConfig, AttackContext, AttackError, FaceSet,
-    Judge, identity_index, payload_shapes, protect_with,
+    Judge, fit_attacker, identity_index, payload_shapes, protect_with,
 )  # fmt: skip
 from ppfr.eval.attacks.recovery import PayloadStem, RecoveryAttacker
 from ppfr.eval.verification import VerificationResult, ten_fold
@@ -365,54 +365,16 @@ def train_linker(linker: Linker, method: Method, judge: Judge, train: FaceSet, c
     ``cfg.linkage_lr``, cosine-decayed to 0. Stops early at ``cfg.time_limit`` seconds. Returns steps, seconds,
     images/s, first/last loss (means over ``log_every``-step windows) and the loss curve.
     """
-    params = [p for p in linker.net.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.linkage_lr)
-    total = cfg.linkage_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    g = torch.Generator().manual_seed(cfg.seed * 2 + 2)
-    bs = min(cfg.linkage_batch_size, len(train))
-    curve: list[tuple[int, float]] = []
-    window: list[float] = []
-    linker.net.train()
-    t0 = time.perf_counter()
-    step = 0
-    # enable_grad: a caller's no_grad context must not turn training into an error (or a silent no-op)
-    with torch.enable_grad():
-        for step in range(1, total + 1):
-            idx = torch.randint(len(train), (bs,), generator=g)
-            x = train.batch(idx)
-            if cfg.flip:  # flip the clean face before protection: payload and target see the same face
-                flip = torch.rand(bs, generator=g) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            x = x.to(device)
-            target = teacher_embed(judge, x)
-            payload = protect_with(method, x, cfg, TRAIN_STREAM, step)
-            z = F.normalize(linker.embed(payload, judge).float(), dim=1)
-            loss = 1.0 - (z * target).sum(1).mean()
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"linkage loss became {loss.item()} at step {step}; lower linkage_lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            window.append(loss.item())
-            timed_out = cfg.time_limit is not None and time.perf_counter() - t0 > cfg.time_limit
-            if step % cfg.log_every == 0 or step == total or timed_out:
-                curve.append((step, float(np.mean(window))))
-                window = []
-                if log:
-                    el = time.perf_counter() - t0
-                    log(f"  linkage step {step}/{total}  loss {curve[-1][1]:.4f}  {step * bs / el:.1f} img/s  "
-                        f"{el:.0f}s")  # fmt: skip
-            if timed_out:
-                if log:
-                    log(f"  linkage: time limit {cfg.time_limit:.0f}s reached after {step} steps")
-                break
-    secs = time.perf_counter() - t0
-    linker.net.eval()
-    return {"steps": step, "batch_size": bs, "seconds": round(secs, 2),
-            "images_per_s": round(step * bs / max(secs, 1e-9), 2), "loss_first": curve[0][1] if curve else None,
-            "loss_last": curve[-1][1] if curve else None, "loss_curve": curve}  # fmt: skip
+
+    def loss_fn(x: torch.Tensor, step: int) -> torch.Tensor:
+        target = teacher_embed(judge, x)
+        payload = protect_with(method, x, cfg, TRAIN_STREAM, step)
+        z = F.normalize(linker.embed(payload, judge).float(), dim=1)
+        return 1.0 - (z * target).sum(1).mean()
+
+    return fit_attacker(linker.net, loss_fn, train, cfg, steps=cfg.linkage_steps, lr=cfg.linkage_lr,
+                        batch_size=cfg.linkage_batch_size, seed=cfg.seed * 2 + 2, name="linkage", device=device,
+                        log=log)  # fmt: skip
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from torch import nn
 from ppfr.eval.attacks import register_attack
 from ppfr.eval.attacks.common import (
     EVAL_STREAM, IMAGE_SIZE, NORM_STREAM, PAPER_PRIVACY, TRAIN_STREAM, Attack, AttackConfig, AttackContext, FaceSet,
-    payload_shapes, protect_with, score_images,
+    fit_attacker, payload_shapes, protect_with, score_images,
 )
 from ppfr.eval.image_metrics import ssim
 from ppfr.methods.base import Method, Payload
@@ -191,56 +191,16 @@ def attack_loss(recovered: torch.Tensor, target: torch.Tensor, cfg: AttackConfig
 
 def train_attacker(inputs: InputFn, attacker: RecoveryAttacker, train: FaceSet, cfg: AttackConfig,
                    device: torch.device | str = "cpu", log: Callable[[str], None] | None = print) -> dict:  # fmt: skip
-    """Train ``attacker`` on the inputs of training faces (new secrets every step unless ``cfg.secrets`` is fixed).
+    """Train ``attacker`` on the inputs of training faces (new secrets every step unless ``cfg.secrets`` is fixed)
+    with :func:`~ppfr.eval.attacks.common.fit_attacker`; returns its summary."""
 
-    Returns a summary: steps run, seconds, images/s, first/last loss (mean of up to ``log_every`` steps) and the
-    loss curve.
-    """
-    opt = torch.optim.Adam(attacker.parameters(), lr=cfg.lr)
-    cosine = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))  # noqa: E731
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    bs = min(cfg.batch_size, len(train))
-    attacker.train()
-    curve: list[tuple[int, float]] = []
-    window: list[float] = []
-    t0 = time.perf_counter()
-    step = 0
-    for step in range(1, cfg.steps + 1):
-        idx = torch.randint(len(train), (bs,), generator=g)
-        x = train.batch(idx)
-        if cfg.flip:
-            flip = torch.rand(bs, generator=g) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        x = x.to(device)
+    def loss_fn(x: torch.Tensor, step: int) -> torch.Tensor:
         with torch.no_grad():
             tensors = inputs(x, TRAIN_STREAM, step)
-        loss = attack_loss(attacker(tensors), x * 0.5 + 0.5, cfg)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"attack loss became {loss.item()} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        window.append(loss.item())
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            curve.append((step, float(np.mean(window))))
-            window = []
-            if log:
-                el = time.perf_counter() - t0
-                log(f"  recovery step {step}/{cfg.steps}  loss {curve[-1][1]:.4f}  {step * bs / el:.1f} img/s  "
-                    f"{el:.0f}s")  # fmt: skip
-        if cfg.time_limit is not None and time.perf_counter() - t0 > cfg.time_limit:
-            if window:
-                curve.append((step, float(np.mean(window))))
-            if log:
-                log(f"  time limit {cfg.time_limit:.0f}s reached after {step} steps")
-            break
-    secs = time.perf_counter() - t0
-    attacker.eval()
-    return {"steps": step, "batch_size": bs, "seconds": round(secs, 2), "images_per_s": round(step * bs / secs, 2),
-            "loss_first": curve[0][1] if curve else None, "loss_last": curve[-1][1] if curve else None,
-            "loss_curve": curve}  # fmt: skip
+        return attack_loss(attacker(tensors), x * 0.5 + 0.5, cfg)
+
+    return fit_attacker(attacker, loss_fn, train, cfg, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                        seed=cfg.seed + 1, name="recovery", device=device, log=log)  # fmt: skip
 
 
 @torch.no_grad()
