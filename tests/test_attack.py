@@ -361,6 +361,25 @@ def test_cli_writes_json_markdown_and_png(tiny_data, tmp_path):
     assert set(r["kinds"]) == {"recovery", "inversion"}
 
 
+def test_fresh_and_fixed_secrets_side_by_side(tiny_data, tmp_path):
+    train = atk.load_faces(str(tiny_data / "train"))
+    val = atk.load_faces(atk.open_val(str(tiny_data / "pairs.txt")))
+    cfg = atk.AttackConfig(steps=1, batch_size=4, stem_width=4, base_width=2, grid_images=2)
+    pf = atk.resolve_target("method:partialface:depth=18,width=8")
+    r = run_target(pf, ["recovery"], train, val, cfg, tmp_path, log=None, secrets=["fresh", "fixed"])
+    assert {"recovery", "recovery/fixed"} <= set(r["kinds"]) and r["kinds"]["recovery/fixed"]["secrets"] == "fixed"
+    assert (tmp_path / pf.label / "grid.png").is_file() and (tmp_path / pf.label / "grid_fixed.png").is_file()
+    # fixed: every face gets the same key; fresh: per-image keys
+    x = train.batch(torch.arange(4))
+    fixed = atk.protect_with(pf.method, x, atk.AttackConfig(secrets="fixed"), 0, 0).tensors["dct"]
+    again = atk.protect_with(pf.method, x, atk.AttackConfig(secrets="fixed"), 0, 1).tensors["dct"]
+    assert torch.equal(fixed, again)
+    # a payload without a per-image secret: fixed would repeat fresh, so only fresh runs
+    arc = atk.resolve_target("method:arcface:depth=18,width=8")
+    r = run_target(arc, ["recovery"], train, val, cfg, None, log=None, secrets=["fresh", "fixed"])
+    assert set(r["kinds"]) == {"recovery"}
+
+
 def test_cli_refuses_bad_input_before_training(tiny_data, tmp_path, capsys):
     from ppfr.eval.attacks.cli import main
 

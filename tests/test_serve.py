@@ -518,3 +518,226 @@ def test_wire_format_is_little_endian_base64():
     np.testing.assert_array_equal(decode_tensor(obj), x)
     for i8 in (np.array([[-3, 4]], np.int8), np.array([[True, False]])):
         np.testing.assert_array_equal(decode_tensor(json.loads(json.dumps(encode_tensor(i8)))), i8)
+
+
+# ------------------------------------------------------------------------------------------ isolation
+class _MixRecorder:
+    """Wraps a runner and records, per runner.run call, how many samples were degenerate (all zeros or huge) and
+    how many were not: the isolation test is only meaningful if poisoned and honest samples shared batches."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.backend, self.method = inner.backend, inner.method
+        self.input_spec, self.embedding_size = inner.input_spec, inner.embedding_size
+        self.batches: list[tuple[int, int]] = []  # (degenerate, honest) per call
+        self._lock = threading.Lock()
+
+    def run(self, inputs):
+        x = inputs["dct"].reshape(len(inputs["dct"]), -1)
+        peak = np.abs(x).max(axis=1)
+        bad = int(((peak == 0) | (peak >= 1e29)).sum())
+        with self._lock:
+            self.batches.append((bad, len(x) - bad))
+        return self.inner.run(inputs)
+
+
+def _degenerate(value: float) -> dict:
+    """A well-formed partialface payload (right names, shape, dtype, finite values) that no network can embed:
+    all zeros embed to a zero vector, 1e30 overflows the norm, 3e38 overflows inside the network (NaN)."""
+    return encode_payload(ppfr.methods.Payload("partialface", {"dct": torch.full((1, 27, 112, 112), value)}))
+
+
+def test_degenerate_payloads_fail_alone(runner, method, faces, tmp_path):
+    """One client sending degenerate payloads while honest clients identify and enrol concurrently: every poisoned
+    request gets a 4xx naming the problem, every honest request succeeds (batch-mates are never failed)."""
+    rec = _MixRecorder(runner)
+    # a generous delay so concurrent requests (poisoned and honest) share batches
+    cfg = ServeConfig(max_batch=8, max_delay_ms=20)
+    names = list(faces)
+    probes = {n: _payload(method, faces[n][0]) for n in names}
+    others = {n: _payload(method, faces[n][1]) for n in names}  # enrolled copies of a probe would tie in identify
+    poison = [_degenerate(v) for v in (0.0, 1e30, 3e38)]
+    rounds = 12
+    with RecognitionServer(rec, tmp_path / "g", TOKEN, config=cfg) as srv:
+        c = Client(srv.url, TOKEN)
+        for n in names:
+            c.enrol(n, probes[n])
+        honest_done = threading.Event()
+
+        def honest(i: int) -> list[str]:
+            cl, errors = Client(srv.url, TOKEN), []
+            for r in range(rounds):
+                n = names[(i + r) % len(names)]
+                try:
+                    if i % 2:
+                        out = cl.enrol(f"h{i}-{r}", others[n])
+                        ok = out["added"] == 1
+                    else:
+                        ok = cl.identify(probes[n], top_k=1)["candidates"][0]["name"] == n
+                    if not ok:
+                        errors.append(f"client {i} round {r}: wrong answer")
+                except Exception as exc:
+                    errors.append(f"client {i} round {r}: {exc!r}")
+            cl.close()
+            return errors
+
+        def poisoner(i: int) -> tuple[int, list[str]]:
+            cl, wrong, sent = Client(srv.url, TOKEN), [], 0
+            while not honest_done.is_set() or sent < 12:
+                p = poison[sent % len(poison)]
+                call = (lambda: cl.enrol(f"poison{i}", p), lambda: cl.identify(p),
+                        lambda: cl.verify(names[0], p))[(sent // 3) % 3]  # fmt: skip
+                sent += 1
+                try:
+                    call()
+                    wrong.append("a degenerate payload was accepted")
+                except ServerError as exc:
+                    if not (400 <= exc.status < 500 and "embedding" in exc.message):
+                        wrong.append(f"HTTP {exc.status}: {exc.message}")
+            cl.close()
+            return sent, wrong
+
+        with ThreadPoolExecutor(10) as pool:
+            bad = [pool.submit(poisoner, i) for i in range(2)]
+            good = [pool.submit(honest, i) for i in range(8)]
+            honest_errors = [e for f in good for e in f.result(timeout=300)]
+            honest_done.set()
+            poisoned = [f.result(timeout=300) for f in bad]
+        n_honest = 8 * rounds
+        print(f"\nhonest failures: {len(honest_errors)}/{n_honest}; poisoned requests: "
+              f"{sum(s for s, _ in poisoned)} (all 4xx: {not any(w for _, w in poisoned)}); mixed batches: "
+              f"{sum(1 for b, h in rec.batches if b and h)}/{len(rec.batches)}")  # fmt: skip
+        assert honest_errors == []
+        assert [w for _, w in poisoned] == [[], []]
+        assert any(b and h for b, h in rec.batches), "no batch mixed poisoned and honest samples: test is vacuous"
+        ids = c.identities()
+        assert not any(n.startswith("poison") for n in ids)
+        assert sum(1 for n in ids if n.startswith("h")) == n_honest // 2
+        assert c.health() == {"status": "ok"}
+
+
+def test_worker_isolates_a_failing_runner_call():
+    """Below HTTP: a runner call that raises for the whole batch is retried request by request, so only the request
+    that makes it raise gets a 500; a request whose embedding comes back NaN or zero gets a 422."""
+    from ppfr.deploy.serve import BatchingWorker, _Job
+
+    class Picky:  # raises on a batch holding a sample < -1; embeds 7 as NaN and 0 as a zero row
+        backend, method, embedding_size, input_spec = "none", "m", 4, {}
+
+        def __init__(self):
+            self.calls = []
+
+        def run(self, inputs):
+            x = inputs["x"][:, 0]
+            self.calls.append(len(x))
+            if (x < -1).any():
+                raise RuntimeError("the engine rejects the batch")
+            out = np.tile(x[:, None], (1, 4)).astype(np.float32)
+            out[x == 7] = np.nan
+            return out
+
+    gallery = Gallery(4)
+    gallery.enrol("one", np.ones((1, 4), np.float32))
+    runner = Picky()
+    worker = BatchingWorker(runner, gallery, ServeConfig())
+    values = [1.0, -5.0, 7.0, 0.0, 2.0, 3.0]
+    kinds = ["identify", "identify", "identify", "enrol", "enrol", "verify"]
+    jobs = [_Job(k, {"x": np.array([[v]], np.float32)}, 1, name="one" if k != "enrol" else f"n{i}")
+            for i, (k, v) in enumerate(zip(kinds, values))]  # fmt: skip
+    worker._process(jobs)
+    assert all(j.done.is_set() for j in jobs)
+    status = [j.error.status if j.error else 200 for j in jobs]
+    assert status == [200, 500, 422, 422, 200, 200], [j.error and j.error.message for j in jobs]
+    assert "not finite" in jobs[2].error.message and "norm 0" in jobs[3].error.message
+    assert runner.calls[0] == 6 and sorted(runner.calls[1:]) == [1] * 6  # one batch, then one call per request
+    assert jobs[0].result["match"] == "one" and jobs[5].result["match"] is True
+    assert gallery.identities() == {"one": 1, "n4": 1}
+
+
+# ------------------------------------------------------------------------------------------ connections
+class _Trickler:
+    """``n`` connections that each send their request one byte per ``every`` seconds (slowloris), reconnecting as
+    soon as the server drops them. ``mode`` "head": an endless header line; "body": a complete unauthenticated POST
+    head, then its body byte by byte. Records how long each dropped connection lived."""
+
+    def __init__(self, address, n: int, mode: str = "head", every: float = 0.1, source: str | None = None):
+        self.address, self.n, self.mode, self.every, self.source = address, n, mode, every, source
+        self.lifetimes: list[float] = []
+        self.stop = threading.Event()
+        self.opened = 0
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _open(self):
+        import socket
+
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if self.source:
+            s.bind((self.source, 0))
+        s.connect(self.address)
+        s.setblocking(False)
+        head = b"POST /v1/enrol HTTP/1.1\r\nHost: x\r\n"
+        if self.mode == "body":
+            head += b"Content-Type: application/json\r\nContent-Length: 60000\r\n\r\n"
+        else:
+            head += b"X-Padding: "
+        s.send(head[:1])
+        self.opened += 1
+        return [s, head[1:], time.monotonic()]
+
+    def _loop(self):
+        import select
+
+        conns = [self._open() for _ in range(self.n)]
+        while not self.stop.wait(self.every):
+            socks = [c[0] for c in conns]
+            readable = set(select.select(socks, [], [], 0)[0])  # data or EOF: the server answered or hung up
+            for i, (s, rest, born) in enumerate(conns):
+                try:
+                    if s in readable:
+                        raise ConnectionError("closed by the server")
+                    s.send(rest[:1] if rest else b"a")
+                    conns[i][1] = rest[1:]
+                except OSError:
+                    s.close()
+                    self.lifetimes.append(time.monotonic() - born)
+                    conns[i] = self._open()
+        for s, _, _ in conns:
+            s.close()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self._thread.join(10)
+
+
+def test_slowloris_cannot_starve_health(runner, tmp_path):
+    """128 trickling connections (every slot: half trickle a header line, half the body of an unauthenticated
+    POST), re-opened as soon as they are dropped: /health, on fresh connections, keeps answering 200, and no trickled
+    connection outlives the whole-request deadline, although each sends a byte every 0.1 s."""
+    cfg = ServeConfig(max_connections=128, idle_timeout=1.0, read_timeout=1.0)
+    with RecognitionServer(runner, tmp_path / "g", TOKEN, config=cfg) as srv:
+        with _Trickler(srv.address, 64, "head") as heads, _Trickler(srv.address, 64, "body") as bodies:
+            deadline = time.monotonic() + 10
+            while len(srv.httpd._conns) < 128 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert len(srv.httpd._conns) >= 128, "the slowloris connections never filled the slots"
+            lat, statuses = [], []
+            end = time.monotonic() + 3.0  # 3 deadlines: every trickled connection is cut and re-opened meanwhile
+            while time.monotonic() < end:
+                t = time.perf_counter()
+                statuses.append(_raw(srv.url, "GET", "/health")[0])
+                lat.append(time.perf_counter() - t)
+                time.sleep(0.01)
+    p50, p99 = np.percentile(lat, [50, 99])
+    lives = heads.lifetimes + bodies.lifetimes
+    print(f"\n/health under slowloris: {statuses.count(200)}/{len(statuses)} answered 200, p50 {p50 * 1e3:.1f} ms, "
+          f"p99 {p99 * 1e3:.1f} ms, max {max(lat) * 1e3:.1f} ms; {len(lives)} trickled connections dropped, "
+          f"longest lived {max(lives, default=0):.2f} s")  # fmt: skip
+    assert statuses == [200] * len(statuses)
+    assert p99 < 1.0
+    assert len(lives) >= 128  # every one was cut at least once, trickling or not
+    # the deadline counts from the first byte whatever arrives after it (+ the trickler's 0.1 s polling, + load)
+    assert max(lives) < cfg.read_timeout + 1.0

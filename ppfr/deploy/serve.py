@@ -64,18 +64,28 @@ class ServeConfig:
     max_request_bytes: int | None = None  # None: 16 payload samples (base64) + 64 KiB, from the input spec
     threshold: float = DEFAULT_THRESHOLD  # cosine similarity at or above which verify/identify report a match
     max_connections: int = 128  # concurrent connections; each may hold one request body in memory
+    # Connections from one client address; None = no cap. Leave it off behind a proxy (every connection then comes
+    # from the proxy's address); set it when clients connect directly, so one host cannot hold most slots.
+    max_connections_per_peer: int | None = None
     request_timeout: float = 60.0  # how long a request may wait for the worker before 503
-    idle_timeout: float = 15.0  # keep-alive connections idle (or stalled mid-request) longer are closed
+    idle_timeout: float = 15.0  # keep-alive connections waiting longer for their next request are closed
+    # A request's head and body must arrive within this many seconds of its first byte, however the bytes trickle
+    # (a per-read timeout alone is reset by every byte: a slowloris client sending one a second never times out).
+    # It also bounds writing the answer.
+    read_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "queue_size", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_connections_per_peer is not None and self.max_connections_per_peer < 1:
+            raise ValueError(f"max_connections_per_peer must be >= 1 or None, got {self.max_connections_per_peer}")
         for name in ("max_delay_ms", "idle_timeout"):  # idle_timeout 0 = never time out
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.request_timeout > 0:
-            raise ValueError(f"request_timeout must be > 0, got {self.request_timeout}")
+        for name in ("request_timeout", "read_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_request_bytes is not None and self.max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
 
