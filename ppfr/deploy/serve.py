@@ -14,12 +14,24 @@ Endpoints (JSON; the payload wire format is in ``ppfr.deploy.client``)::
     POST /v1/identify  {"payload", "top_k"}         one probe: ranked {"candidates": [{"name", "score"}], "match"}
     POST /v1/remove    {"name"}                     delete an identity
 
-Request path: token check (``Authorization: Bearer``, constant-time; 401) -> size limit from Content-Length before
-reading the body (413) -> JSON and payload checks against the runner's input spec: method, schema version, tensor
-names, per-sample shape, dtype, finite values inside the spec's range (400, with a message) -> a bounded work queue
-(503 when full) -> one batching worker thread that collects up to ``max_batch`` samples or waits ``max_delay_ms``
-after the oldest, makes one ``runner.run`` call and answers every request of the batch. Errors change nothing: all
-checks happen before the queue, and enrolments are applied (and saved) only after inference succeeded.
+Request path: exactly one Content-Length (400 otherwise) -> token check (``Authorization: Bearer``, constant-time;
+401) -> size limit from Content-Length before reading the body (413) -> JSON and payload checks against the runner's
+input spec: method, schema version, tensor names, per-sample shape, dtype, finite values inside the spec's range
+(400, with a message) -> a bounded work queue (503 when full) -> one batching worker thread that collects up to
+``max_batch`` samples or waits ``max_delay_ms`` after the oldest, makes one ``runner.run`` call and answers every
+request of the batch. Errors change nothing: all checks happen before the queue, and enrolments are applied (and
+saved) only after inference succeeded.
+
+Requests are isolated from their batch-mates: each request's embeddings are checked on their own (finite, non-zero
+norm; 422 naming the sample otherwise: a well-formed payload such as all zeros or 1e30 that the network cannot
+embed), a runner call that fails as a whole is retried request by request, and a failing gallery step fails only
+the request that causes it. One client's bad payloads never fail another client's requests.
+
+Connections: each request must arrive whole (head and body) within ``read_timeout`` of its first byte, however its
+bytes trickle, and a keep-alive connection waits at most ``idle_timeout`` for its next request. When all
+``max_connections`` slots are taken, a new connection evicts the stalest connection that has not authenticated and
+is not being answered (503 only if there is none), so clients that never finish a request (slowloris) cannot lock
+out ``/health`` or authenticated clients; ``max_connections_per_peer`` optionally caps one client address.
 
 Shutdown (SIGTERM / SIGINT / ``close()``): stop accepting, let in-flight requests finish (the worker drains the
 queue), close idle keep-alive connections, then exit. The gallery is saved on every change, so nothing is lost.
@@ -29,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import io
 import json
 import logging
 import queue
@@ -515,6 +528,57 @@ class RecognitionService:
 # ---------------------------------------------------------------------------------------------------- HTTP
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF8", b"BM", b"RIFF")
 
+# When every slot is taken, a new connection evicts the stalest one that has not authenticated and is not being
+# answered. One that has sent nothing of its request yet is spared for this many seconds: a client that has just
+# connected is about to send; a slowloris client has started its request and never finishes it.
+_EVICT_IDLE_AFTER = 1.0
+
+
+@dataclass(eq=False)
+class _Conn:
+    """What the server knows of one connection: its deadlines and whether it may be evicted. ``busy`` and
+    ``evicted`` change under the server's lock (the accept thread evicts while the handler thread works)."""
+
+    peer: str
+    since: float = field(default_factory=time.monotonic)  # when it began waiting for its current request
+    deadline: float | None = None  # the current request's whole-request deadline, set by its first byte
+    busy: bool = False  # its request is being answered: never evicted
+    authed: bool = False  # it has sent a request with the right token: never evicted
+    evicted: bool = False
+
+
+class _RequestReader(io.RawIOBase):
+    """The socket as the handler reads it, with deadlines that trickled bytes cannot push back: a connection waits
+    at most ``idle_timeout`` for its next request to start, then at most ``read_timeout`` from the request's first
+    byte for all of its head and body (each recv gets only the time left, not a fresh timeout). Expiry, or an
+    eviction, raises TimeoutError, on which the handler closes the connection (408 while reading a body)."""
+
+    def __init__(self, sock: socket.socket, state: _Conn, config: ServeConfig) -> None:
+        super().__init__()
+        self.sock, self.state, self.config = sock, state, config
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        st = self.state
+        if st.evicted:
+            raise TimeoutError("connection evicted to make room for another")
+        if st.deadline is None:  # between requests
+            left = st.since + self.config.idle_timeout - time.monotonic() if self.config.idle_timeout else None
+        else:
+            left = st.deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError("idle timeout" if st.deadline is None
+                               else f"request not received within {self.config.read_timeout:g} s")  # fmt: skip
+        self.sock.settimeout(left)
+        n = self.sock.recv_into(buf)
+        if st.evicted:  # the eviction's shutdown() woke this recv: not the client's end of stream
+            raise TimeoutError("connection evicted to make room for another")
+        if n and st.deadline is None:
+            st.deadline = time.monotonic() + self.config.read_timeout
+        return n
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a client sending many requests reuses its connection
@@ -527,8 +591,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.connection.settimeout(self.server.service.config.idle_timeout or None)
-        self.server.track(self.connection, busy=False)
+        self.state = self.server.state_of(self.connection)
+        plain = self.rfile
+        self.rfile = io.BufferedReader(_RequestReader(self.connection, self.state, self.server.service.config),
+                                       1 << 16)  # fmt: skip
+        plain.close()  # the makefile() reader holds a reference that would keep the socket open after close()
 
     def log_message(self, format: str, *args: Any) -> None:  # never logs headers (the token)
         log.info("%s %s", self.address_string(), format % args)
@@ -546,10 +613,16 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("DELETE")
 
     def _dispatch(self, verb: str) -> None:
-        self.server.track(self.connection, busy=True)
+        if not self.server.begin(self.connection):  # evicted just as its request head arrived
+            self.close_connection = True
+            return
         service = self.server.service
         self._unread = self._declared_length()  # body bytes not yet read; None = unknown (no usable length)
         try:
+            if len(self.headers.get_all("Content-Length") or ()) > 1:
+                # Two lengths (even equal ones) make the framing ambiguous: a proxy in front may pick the other one
+                # and see a different next request (request smuggling). Refuse, and close (_unread is None).
+                raise RequestError(400, "repeated Content-Length headers: send exactly one")
             path = urlsplit(self.path).path
             route = service.ROUTES.get(path)
             if route is None:
@@ -559,6 +632,8 @@ class _Handler(BaseHTTPRequestHandler):
             if route[1] and not service.authorized(self.headers.get("Authorization")):
                 raise RequestError(401, "missing or wrong access token (Authorization: Bearer TOKEN)",
                                    {"WWW-Authenticate": 'Bearer realm="ppfr"'})  # fmt: skip
+            if route[1]:
+                self.state.authed = True  # from now on this connection is never evicted
             body = self._read_json() if verb == "POST" else None
             status, answer, headers = 200, service.handle(path, body), {}
         except RequestError as exc:
@@ -566,11 +641,18 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug: answer 500 rather than drop the connection
             log.exception("unhandled error on %s", self.path)
             status, answer, headers = 500, {"error": f"internal error: {type(exc).__name__}"}, {}
-        linger = False
+        # Body bytes may still be on their way: a known count (_unread > 0) of a request refused before its body was
+        # read, or an unknown one (_unread None: no usable length, or a read that timed out).
+        pending = self._unread is None or self._unread > 0
+        if pending and not self.state.authed:
+            # An unauthenticated client's leftover body is read only while nobody needs its slot: the connection
+            # becomes evictable again (a slowloris trickling the body of a refused request must not hold a slot).
+            self.server.release(self.connection)
+        # Leftover body bytes must not be parsed as the next request. A known body within the limit is read and
+        # dropped (the connection stays usable, and a client still sending it gets this answer instead of a broken
+        # pipe); a larger or unknown one is never read: answer, then close gracefully.
+        linger = self._unread is None
         if self._unread:
-            # A request refused before its body was read: the body must not be parsed as the next request. A body
-            # within the limit is read and dropped (the connection stays usable, and a client still sending it gets
-            # this answer instead of a broken pipe); a larger one is never read: answer, then close gracefully.
             if self._unread <= service.config.max_request_bytes and self._discard(self._unread):
                 self._unread = 0
             else:
@@ -580,17 +662,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, answer, headers)
         if linger:
             self._lingering_close()
-        self.server.track(self.connection, busy=False)
+        self.server.end(self.connection)
 
     def _declared_length(self) -> int | None:
-        if self.headers.get("Transfer-Encoding"):
+        if self.headers.get("Transfer-Encoding") or len(self.headers.get_all("Content-Length") or ()) > 1:
             return None
-        length = self.headers.get("Content-Length", "0")
-        try:
-            n = int(length)
-        except ValueError:
-            return None
-        return n if n >= 0 else None
+        length = self.headers.get("Content-Length", "0").strip()
+        # digits only (RFC 9110): int() would also take "+5", "5_0" or "٥"
+        return int(length) if length.isascii() and length.isdigit() else None
 
     def _discard(self, n: int) -> bool:
         try:
@@ -652,6 +731,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, answer: dict, headers: dict[str, str]) -> None:
         data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
+        # the read deadline's remainder may be near zero; a client that does not read its answer gets as long
+        self.connection.settimeout(self.server.service.config.read_timeout)
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -663,8 +744,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client went away; nothing to answer
+        except OSError:  # the client went away (or stopped reading, or was evicted): nothing to answer
+            self.close_connection = True
 
 
 def _refuse_constant(name: str) -> Any:
@@ -672,7 +753,15 @@ def _refuse_constant(name: str) -> Any:
 
 
 class _HTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer that bounds concurrent connections and knows which are idle (for a prompt shutdown)."""
+    """ThreadingHTTPServer that bounds concurrent connections (in all and per client address), keeps the slots from
+    being exhausted by clients that never finish a request, and knows which connections are idle (for a prompt
+    shutdown).
+
+    Slots: at most ``max_connections``. When all are taken, a new connection evicts the stalest connection that has
+    not authenticated and is not being answered (one stalled mid-request, or idle for more than a second); only if
+    there is none does it get 503. So slowloris clients, which never authenticate, cannot keep out new clients
+    (``/health`` included), nor take slots from authenticated ones, and each of them lasts at most
+    ``idle_timeout`` + ``read_timeout`` anyway."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -680,25 +769,82 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], service: RecognitionService) -> None:
         self.service = service
-        self._conns: dict[socket.socket, bool] = {}  # connection -> busy
+        self._conns: dict[socket.socket, _Conn] = {}
         self._conns_lock = threading.Condition()
         super().__init__(address, _Handler)
 
-    def track(self, conn: socket.socket, busy: bool) -> None:
+    # -- connection states (called by the handler threads) --------------------------------------------------
+    def state_of(self, conn: socket.socket) -> _Conn:
         with self._conns_lock:
-            self._conns[conn] = busy
+            return self._conns[conn]  # registered by process_request before the handler thread started
+
+    def begin(self, conn: socket.socket) -> bool:
+        """A request head has arrived: the connection is being answered and can no longer be evicted. False if it
+        was evicted first."""
+        with self._conns_lock:
+            st = self._conns.get(conn)
+            if st is None or st.evicted:
+                return False
+            st.busy = True
+            return True
+
+    def release(self, conn: socket.socket) -> None:
+        """Make a connection that is still reading evictable again (see _Handler._dispatch)."""
+        with self._conns_lock:
+            self._conns[conn].busy = False
+
+    def end(self, conn: socket.socket) -> None:
+        """An answer went out: the connection waits for its next request (idle_timeout from now)."""
+        with self._conns_lock:
+            st = self._conns[conn]
+            st.busy, st.deadline, st.since = False, None, time.monotonic()
 
     def untrack(self, conn: socket.socket) -> None:
         with self._conns_lock:
             self._conns.pop(conn, None)
             self._conns_lock.notify_all()
 
+    # -- admission ----------------------------------------------------------------------------------------------
+    def _victim(self, now: float) -> socket.socket | None:
+        """The stalest evictable connection: not authenticated, not being answered, and mid-request or idle for
+        at least _EVICT_IDLE_AFTER. Caller holds the lock."""
+        best, best_since = None, None
+        for conn, st in self._conns.items():
+            if st.evicted or st.busy or st.authed:
+                continue
+            if st.deadline is None and now - st.since < _EVICT_IDLE_AFTER:
+                continue
+            if best_since is None or st.since < best_since:
+                best, best_since = conn, st.since
+        return best
+
     def process_request(self, request: socket.socket, client_address: Any) -> None:
+        cfg = self.service.config
+        peer = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
+        refusal = None
         with self._conns_lock:
-            full = len(self._conns) >= self.service.config.max_connections
-        if full:  # answer from the accept thread without spawning one: bounded threads and memory
-            body = b'{"error": "too many connections; retry later"}'
+            live = [st for st in self._conns.values() if not st.evicted]  # an evicted one is leaving
+            cap = cfg.max_connections_per_peer
+            if cap is not None and sum(st.peer == peer for st in live) >= cap:
+                refusal = f"too many connections from {peer} (at most {cap}); retry later"
+            elif len(live) >= cfg.max_connections:
+                victim = self._victim(time.monotonic())
+                if victim is None:
+                    refusal = "too many connections; retry later"
+                else:
+                    self._conns[victim].evicted = True
+                    log.info("all %d connection slots taken: evicting a stalled unauthenticated connection from %s",
+                             cfg.max_connections, self._conns[victim].peer)  # fmt: skip
+                    try:
+                        victim.shutdown(socket.SHUT_RDWR)  # wakes its handler, blocked in recv
+                    except OSError:
+                        pass
+            if refusal is None:
+                self._conns[request] = _Conn(peer)  # counted from accept, before the thread starts
+        if refusal is not None:  # answer from the accept thread without spawning one: bounded threads and memory
+            body = json.dumps({"error": refusal}).encode()
             try:
+                request.settimeout(1.0)  # a few hundred bytes into an empty socket buffer: never blocks for long
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                                 b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
                                 + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
@@ -706,7 +852,6 @@ class _HTTPServer(ThreadingHTTPServer):
                 pass
             self.shutdown_request(request)
             return
-        self.track(request, busy=False)  # counted from accept, before the thread starts
         super().process_request(request, client_address)
 
     def shutdown_request(self, request: socket.socket) -> None:
@@ -717,7 +862,7 @@ class _HTTPServer(ThreadingHTTPServer):
     def close_idle(self) -> None:
         """Wake handlers blocked reading the next keep-alive request so they exit now."""
         with self._conns_lock:
-            idle = [c for c, busy in self._conns.items() if not busy]
+            idle = [c for c, st in self._conns.items() if not st.busy]
         for c in idle:
             try:
                 c.shutdown(socket.SHUT_RDWR)
@@ -827,6 +972,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-request-bytes", type=int, default=None,
                     help="largest request body (default: 16 payload samples + 64 KiB)")
     ap.add_argument("--max-connections", type=int, default=128)
+    ap.add_argument("--max-connections-per-peer", type=int, default=None,
+                    help="connections from one client address (default: no cap; leave it off behind a proxy)")
+    ap.add_argument("--read-timeout", type=float, default=30.0,
+                    help="seconds a request's head and body may take to arrive, from its first byte")
+    ap.add_argument("--idle-timeout", type=float, default=15.0,
+                    help="seconds a keep-alive connection may wait for its next request (0: no limit)")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -841,7 +992,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ServeConfig(max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, queue_size=args.queue_size,
                              max_request_bytes=args.max_request_bytes, threshold=args.threshold,
-                             max_connections=args.max_connections)  # fmt: skip
+                             max_connections=args.max_connections,
+                             max_connections_per_peer=args.max_connections_per_peer,
+                             read_timeout=args.read_timeout, idle_timeout=args.idle_timeout)  # fmt: skip
         runner = load_runner(args.model, backend=args.backend)
         server = RecognitionServer(runner, args.gallery, token, args.host, args.port, config)
     except (ValueError, GalleryError, OSError, RuntimeError) as exc:

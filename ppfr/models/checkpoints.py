@@ -6,21 +6,144 @@
 * PFLD checkpoints: ``{"pfld_backbone": state_dict, ...}`` (``auxiliarynet`` is ignored).
 * TFace backbone state dicts: ``Backbone_Epoch_<e>_checkpoint.pth`` = the backbone's state dict (no ``module.``
   prefix; one is stripped if present, as DataParallel/DDP saves add it).
+
+ppfr's own training checkpoints are written by :func:`save_checkpoint`: atomically (temporary file, fsync, rename)
+and with a content digest, ``<file>.sha256``, a ``sha256sum``-format line holding the SHA-256 of the file's bytes
+(``sha256sum -c step_00000004.pt.sha256`` checks it by hand). A torch file can lose or change bytes and still load
+(a flipped bit in tensor data loads as a wrong weight, silently), so every load through :func:`safe_load` checks
+the digest when the sidecar exists and refuses a file that does not match it. Files without one (the public formats
+above, checkpoints from older ppfr versions) load as before: ``verify_digest`` says they could not be verified.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import nn
+
+DIGEST_SUFFIX = ".sha256"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model (the message says which keys)."""
 
 
+# ---------------------------------------------------------------------------------------------- digests
+def digest_path(path: str | Path) -> Path:
+    """The sidecar that holds ``path``'s SHA-256: ``<path>.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_digest(path: str | Path) -> bool:
+    """Check ``path`` against its sidecar digest: True if it matches, False if there is no sidecar (the file
+    cannot be verified), CheckpointError if the file or the sidecar is unreadable or they disagree."""
+    path = Path(path)
+    side = digest_path(path)
+    try:
+        line = side.read_text(encoding="ascii")
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot read the digest {side}: {type(exc).__name__}: {exc}") from None
+    want = line.split(maxsplit=1)[0].lower() if line.strip() else ""
+    if len(want) != 64 or any(c not in "0123456789abcdef" for c in want):
+        raise CheckpointError(f"digest file {side} is malformed (expected '<sha256 hex>  {path.name}')")
+    try:
+        got = file_sha256(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    if got != want:
+        raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 ({got[:12]}...) is not the one recorded "
+                              f"in {side.name} ({want[:12]}...); it changed after it was written (truncated, a "
+                              f"flipped bit)")  # fmt: skip
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write: Callable[[BinaryIO], object],
+                  before_rename: Callable[[Path], object] | None = None) -> None:  # fmt: skip
+    """``write(file)`` to a temporary file in ``path``'s folder, fsync, ``before_rename(temporary path)``, then
+    rename over ``path``: readers see the old file or the whole new one, never a partial one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(obj: dict, path: str | Path, digest: bool = True) -> str | None:
+    """``torch.save(obj)`` to ``path`` atomically: a crash never leaves a half-written file under the final name.
+    With ``digest``, also write the ``<path>.sha256`` sidecar and return the digest (without: remove a stale one).
+
+    Order: the checkpoint goes to a temporary file (fsync) and is hashed as stored, the sidecar is put in place,
+    then the checkpoint is renamed over the final name. A crash between the two renames leaves the new sidecar next
+    to the old file of that name (or to none): a mismatch, so that file is refused, never a wrong one trusted.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sha: list[str] = []
+
+    def before_rename(tmp: Path) -> None:
+        if not digest:  # a sidecar left from an earlier file of this name would make the new one look corrupt
+            digest_path(path).unlink(missing_ok=True)
+            return
+        # hashed from the stored file, not from the bytes torch handed over: what is checked later is what was stored
+        sha.append(file_sha256(tmp))
+        line = f"{sha[0]}  {path.name}\n".encode("ascii")
+        _write_atomic(digest_path(path), lambda f: f.write(line))
+
+    _write_atomic(path, lambda f: torch.save(obj, f), before_rename)
+    return sha[0] if sha else None
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Delete a checkpoint and its digest sidecar (missing ones are fine)."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    digest_path(path).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- loading
 def safe_load(path: str | Path) -> dict:
+    """Load a checkpoint dict with ``weights_only=True``, after checking its digest if it has a sidecar."""
+    verify_digest(path)
     try:
         obj = torch.load(Path(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -27,7 +27,7 @@ import yaml
 from torch import nn
 
 from ppfr.methods import Method, build_method
-from ppfr.models.checkpoints import CheckpointError, safe_load
+from ppfr.models.checkpoints import CheckpointError, digest_path, remove_checkpoint, safe_load, save_checkpoint
 from ppfr.models.heads import ArcFaceHead, CosFaceHead, ShardedMarginHead
 from ppfr.train.config import StageConfig, TrainConfig
 from ppfr.train.distributed import all_reduce_grads, convert_batchnorm
@@ -40,30 +40,51 @@ class TrainingDiverged(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def save_atomic(obj: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves a half file.
+
+    Used for model.pt, which gets no digest sidecar: it is often copied or replaced by hand, and a sidecar left stale
+    by that would make a good file look corrupt. Training checkpoints get one (``Trainer.checkpoint``)."""
+    save_checkpoint(obj, path, digest=False)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    return sorted((run_dir / "checkpoints").glob("step_*.pt"), key=_step)
+
+
+def _step(path: Path) -> int:
+    return int(path.stem.split("_")[1])
 
 
 def load_latest(run_dir: Path) -> tuple[dict, Path] | None:
-    """Newest readable checkpoint; a corrupt newer one is reported and skipped (the previous one is used)."""
-    for path in reversed(list_checkpoints(run_dir)):
+    """The newest intact checkpoint of the run, or None if it has none.
+
+    Each candidate, newest first, must match its SHA-256 sidecar (written with it) and load with
+    ``weights_only=True`` as a ppfr training checkpoint. A corrupt newer one is skipped with a warning naming it and
+    the checkpoint used instead. If there are checkpoints but none is usable, CheckpointError: resuming from scratch
+    would silently throw the run away and then overwrite and prune its checkpoints, so nothing is touched and the
+    caller stops. A checkpoint without a sidecar (an older ppfr) loads with a warning that it cannot be verified.
+    """
+    paths = list_checkpoints(run_dir)
+    skipped: list[CheckpointError] = []
+    for path in reversed(paths):
         try:
-            ckpt = safe_load(path)
+            ckpt = safe_load(path)  # checks the digest first
             if "model" not in ckpt or "global_step" not in ckpt:
                 raise CheckpointError(f"{path} is not a ppfr training checkpoint")
-            return ckpt, path
         except CheckpointError as exc:
-            warnings.warn(f"skipping unusable checkpoint: {exc}", stacklevel=2)
+            skipped.append(exc)
+            continue
+        for exc in skipped:  # each message names its file
+            warnings.warn(f"skipping unusable checkpoint: {exc}; resuming from {path} instead", stacklevel=2)
+        if not digest_path(path).exists():
+            warnings.warn(f"checkpoint {path} has no digest ({digest_path(path).name}; written by an older ppfr): "
+                          "it cannot be verified", stacklevel=2)  # fmt: skip
+        return ckpt, path
+    if skipped:
+        reasons = "; ".join(map(str, skipped))
+        raise CheckpointError(f"no usable checkpoint in {run_dir / 'checkpoints'} ({len(skipped)} found, none intact: "
+                              f"{reasons}). Refusing to resume; nothing was changed. Restore a good checkpoint, or "
+                              f"move the folder away to train from scratch")  # fmt: skip
     return None
 
 
@@ -178,7 +199,10 @@ class Trainer:
 
     # -- main loop ---------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
+        """Train every stage; ``resume``: continue from the newest intact checkpoint (CheckpointError, before
+        anything is written, if the run has checkpoints but none is intact)."""
         cfg = self.cfg
+        found = load_latest(self.run_dir) if resume else None  # first: a refusal must precede every write
         torch.manual_seed(cfg.seed)
         method = build_method(cfg.method, **cfg.method_options).to(self.device)
         if self.world > 1:
@@ -189,7 +213,6 @@ class Trainer:
         state = {"stage_idx": 0, "epoch": 0, "step_in_epoch": 0, "global_step": 0}
         ckpt = None
         if resume:
-            found = load_latest(self.run_dir)
             if found is None:
                 self.log(f"no checkpoint in {self.run_dir / 'checkpoints'}; starting from scratch")
             else:
@@ -307,9 +330,9 @@ class Trainer:
               "stage_idx": stage_idx, "epoch": epoch,
               "step_in_epoch": state["step_in_epoch"], "global_step": state["global_step"]}  # fmt: skip
         path = self.run_dir / "checkpoints" / f"step_{state['global_step']:08d}.pt"
-        save_atomic(ck, path)
+        save_checkpoint(ck, path)  # with its SHA-256 sidecar, checked by load_latest
         for old in list_checkpoints(self.run_dir)[: -self.cfg.keep_last]:
-            old.unlink(missing_ok=True)
+            remove_checkpoint(old)  # and its sidecar
 
     def evaluate(self, method: Method):
         from ppfr.eval.verification import evaluate_pairs
@@ -339,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"ppfr train: {exc}", file=sys.stderr)
         return 2
-    summary = Trainer(cfg).fit(resume=args.resume)
+    try:
+        summary = Trainer(cfg).fit(resume=args.resume)
+    except CheckpointError as exc:  # e.g. --resume with no intact checkpoint: one line, not a traceback
+        print(f"ppfr train: {exc}", file=sys.stderr)
+        return 1
     for s in summary["stages"]:
         print(f"stage {s['stage']}: loss {s['loss_first']:.4f} -> {s['loss_last']:.4f}, {s['images_per_s']:.1f} img/s")
     if "before" in summary or "after" in summary:
