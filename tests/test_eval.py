@@ -13,7 +13,7 @@ from PIL import Image
 
 from ppfr.eval import ijb
 from ppfr.eval.verification import (
-    embed_source, kfold_ids, open_pairs, pair_scores, roc_curve, ten_fold, ten_fold_sqdist, tpr_at_fpr,
+    DEFAULT_FPRS, embed_source, kfold_ids, open_pairs, pair_scores, roc_curve, ten_fold, ten_fold_sqdist, tpr_at_fpr,
 )  # fmt: skip
 from ppfr.models import faceapi
 from ppfr.models.checkpoints import CheckpointError
@@ -100,12 +100,79 @@ def test_roc_and_tpr_at_fpr_hand_computed():
     assert fpr.tolist() == [0, 0, 0.25, 0.25, 0.75, 0.75, 1]
     assert tpr.tolist() == [0, 0.25, 0.25, 0.75, 0.75, 1, 1]
     assert thr[1:].tolist() == [0.9, 0.8, 0.6, 0.4, 0.3, 0.2]
-    # nearest ROC point, ties to the first: 0.01 -> fpr 0 (first: the (0, 0) point); 0.25 -> the first 0.25 point;
-    # 0.5 is equidistant from 0.25 and 0.75 -> the first; 0.8 -> 0.75 (first such point)
+    # TFace's reading: nearest ROC point, ties to the first of the reversed arrays = the last in ROC order.
+    # 0.01 -> fpr 0: (0, 0.25), the top of the FPR-0 segment, not the leading (0, 0); 0.25 -> (0.25, 0.75);
+    # 0.5 is equidistant from 0.25 and 0.75 -> 0.75, whose top point is (0.75, 1); 0.8 -> (0.75, 1)
     got = tpr_at_fpr(s, y, (0.01, 0.25, 0.5, 0.8))
-    assert got == {0.01: 0.0, 0.25: 0.25, 0.5: 0.25, 0.8: 0.75}
+    assert got == {0.01: 0.25, 0.25: 0.75, 0.5: 1.0, 0.8: 1.0}
+    assert got == _tface_tpr_at_fpr(y, s, (0.01, 0.25, 0.5, 0.8))
     # highest TPR with FPR <= target: 0.01 -> 0.25 (threshold 0.9), 0.25 and 0.5 -> 0.75, 0.8 -> 1.0
     assert tpr_at_fpr(s, y, (0.01, 0.25, 0.5, 0.8), rule="at_most") == {0.01: 0.25, 0.25: 0.75, 0.5: 0.75, 0.8: 1.0}
+
+
+def _sklearn_roc_literal(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``sklearn.metrics.roc_curve(labels, scores)`` (drop_intermediate=True) written out with Python loops, as an
+    independent reference: one point per distinct score (ties are one threshold), counting ``score >= t``; the
+    first and last points and every point where the FP or TP count's second difference is non-zero are kept; a
+    leading (0, 0); rates = counts / the last count."""
+    pairs = list(zip(scores.tolist(), labels.tolist()))
+    fps, tps = [], []
+    for t in sorted(set(scores.tolist()), reverse=True):
+        tps.append(sum(1 for v, y in pairs if v >= t and y))
+        fps.append(sum(1 for v, y in pairs if v >= t and not y))
+    if len(fps) > 2:
+        inner = [i for i in range(1, len(fps) - 1)
+                 if fps[i + 1] - 2 * fps[i] + fps[i - 1] != 0 or tps[i + 1] - 2 * tps[i] + tps[i - 1] != 0]  # fmt: skip
+        keep = [0, *inner, len(fps) - 1]
+        fps, tps = [fps[i] for i in keep], [tps[i] for i in keep]
+    fps, tps = [0, *fps], [0, *tps]
+    return np.array(fps, np.float64) / fps[-1], np.array(tps, np.float64) / tps[-1]
+
+
+def _tface_tpr_at_fpr(labels, scores, targets) -> dict[float, float]:
+    """TFace ``recognition/test/IJB_Evaluation.py``'s reading, literally: flipud, then min over (distance, index)."""
+    fpr, tpr = _sklearn_roc_literal(np.asarray(labels), np.asarray(scores, np.float64))
+    fpr, tpr = np.flipud(fpr), np.flipud(tpr)
+    out = {}
+    for x in targets:
+        _, min_index = min(list(zip(abs(fpr - x), range(len(fpr)))))
+        out[float(x)] = float(tpr[min_index])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tpr_at_fpr_is_tfaces_rule_on_tie_heavy_scores(seed):
+    rng = np.random.default_rng(seed)
+    n_neg = [64, 256, 1000, 4096, 37, 2048][seed]  # powers of two make the FPRs dyadic: exact distance ties below
+    n_pos = int(rng.integers(20, 400))
+    levels = int(rng.integers(3, 25))  # few distinct scores: most of them shared by genuine and impostor pairs
+    y = np.r_[np.ones(n_pos, bool), np.zeros(n_neg, bool)]
+    s = np.r_[rng.integers(levels // 3, levels + 1, n_pos), rng.integers(0, levels - levels // 3, n_neg)]
+    s = s / levels - 0.5
+    perm = rng.permutation(len(y))
+    y, s = y[perm], s[perm]
+    fpr, tpr, _ = roc_curve(s, y)
+    ref_fpr, ref_tpr = _sklearn_roc_literal(y, s)
+    assert np.array_equal(fpr, ref_fpr) and np.array_equal(tpr, ref_tpr)  # the ROC itself, bit for bit
+    ranks = np.unique(fpr)
+    mids = (ranks[1:] + ranks[:-1]) / 2  # exactly between two ROC FPRs: the tie rule decides
+    targets = [*DEFAULT_FPRS, 0.0, 1.0, *ranks.tolist(), *mids.tolist(), 0.5 / n_neg, 1.5 / n_neg]
+    got = tpr_at_fpr(s, y, targets)
+    assert got == _tface_tpr_at_fpr(y, s, targets)  # exactly
+    if n_neg & (n_neg - 1) == 0:  # dyadic FPRs: the midpoints are exact ties, where "first point" would differ
+        assert any(got[float(m)] != tpr[int(np.argmin(np.abs(fpr - m)))] for m in mids)
+    assert ijb.tpr_at_fpr is tpr_at_fpr  # the IJB evaluation reads its TPRs with this rule
+
+
+def test_tpr_at_fpr_reads_the_top_of_a_vertical_segment():
+    # FPR 0 is reached by 3 of 4 genuine pairs: the nearest point to 1e-6 is at FPR 0 and TFace's rule reads its top
+    s = np.array([0.9, 0.8, 0.8, 0.3, 0.7, 0.2])
+    y = np.array([1, 1, 1, 1, 0, 0], bool)
+    assert tpr_at_fpr(s, y, (1e-6,)) == {1e-6: 0.75} == _tface_tpr_at_fpr(y, s, (1e-6,))
+    # all-distinct scores, no ties anywhere: same as the plain nearest reading
+    rng = np.random.default_rng(1)
+    s, y = rng.normal(size=600), rng.random(600) < 0.3
+    assert tpr_at_fpr(s, y) == _tface_tpr_at_fpr(y, s, DEFAULT_FPRS)
 
 
 def test_roc_ties_are_one_point():
@@ -172,9 +239,9 @@ def test_ijb_listing_end_to_end(tmp_path):
     assert r.unreadable == 0 and r.templates == 8
     assert (r.scores[:4] > 0.99).all() and (r.scores[4:] < 0.9).all()
     assert r.auc == 1.0
-    # 4 impostors: the reference's nearest-point rule cannot resolve FPR 0.1 (nearest is the (0, 0) point) ...
-    assert r.tpr_at_fpr[1e-1] == 0.0
-    # ... while "at most" reads the (0, 1) point
+    # 4 impostors: FPR 0.1 is not resolvable; the reference's rule reads the nearest FPR, 0, at the top of its
+    # vertical segment (0, 1) -- as does "at most"
+    assert r.tpr_at_fpr[1e-1] == 1.0
     assert tpr_at_fpr(r.scores, r.labels, (1e-1,), rule="at_most") == {1e-1: 1.0}
     # a pair naming a template without images is refused
     (tmp_path / "template_pairs.txt").write_text("0 99 1\n")
@@ -468,7 +535,8 @@ def test_cli_eval_end_to_end(tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["eval", str(model), "--data", str(pairs), "--out", str(out), "--batch-size", "8"]) == 0
     printed = capsys.readouterr().out
-    assert "verification (20 pairs, 10 folds, flip on)" in printed
+    assert "verification [exact 10-fold (METHODS §7.1 reference" in printed
+    assert "flip TTA on] (20 pairs, 10 folds)" in printed
     m = json.loads((out / "metrics.json").read_text())
     v = m["verification"]
     assert m["model"]["method"] == "partialface" and m["flip"] is True
@@ -515,3 +583,50 @@ def test_cli_eval_judge_autodetected_and_errors(tmp_path, capsys):
     assert "nothing to evaluate" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "judge"), "--data", str(tmp_path / "nope.txt")]) == 2
     assert "nope.txt" in capsys.readouterr().err
+
+
+def test_cli_eval_labels_protocol_and_flip(tmp_path, capsys, monkeypatch):
+    from ppfr.eval.cli import main as eval_main
+
+    pairs = _pair_dataset(tmp_path)
+    _random_faceapi_dir(tmp_path / "judge")
+    tdir = _template_dir(tmp_path / "tpl")
+    seen = []
+    real = ijb.evaluate_templates
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["flip"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ijb, "evaluate_templates", spy)
+    out = tmp_path / "a"
+    assert eval_main([str(tmp_path / "judge"), "--data", str(pairs), "--ijb-dir", str(tdir), "--out", str(out)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "%" in ln or "AUC" in ln]
+    v_line, v_tpr, j_line, j_tpr = lines[:4]
+    # defaults: the exact 10-fold protocol with flip TTA; IJB without flip TTA (the reference's use_flip_test=False)
+    assert v_line.startswith("verification [exact 10-fold (METHODS §7.1 reference") and "flip TTA on]" in v_line
+    assert "TFace IJB_Evaluation rule; flip TTA on]" in v_tpr
+    assert j_line.startswith("templates [IJB 1:1 templates (METHODS §7.2 reference") and "flip TTA off]" in j_line
+    assert "flip TTA off]" in j_tpr and seen == [False]
+    m = json.loads((out / "metrics.json").read_text())
+    v, j = m["verification"], m["ijb"]
+    assert (v["protocol"], v["flip"], v["full_set"], v["tta"]) == ("reference", True, True, "flip TTA on")
+    assert v["protocol_label"].startswith("exact 10-fold") and v["pairs_listed"] == 20
+    assert (j["protocol"], j["flip"], j["tta"]) == ("ijb", False, "flip TTA off") and j["protocol_label"]
+    assert m["flip"] is True and m["ijb_flip"] is False and "TFace" in v["tpr_rule"] == j["tpr_rule"]
+    md = (out / "metrics.md").read_text()
+    assert "10-fold verification: exact 10-fold" in md and "; flip TTA on" in md and "; flip TTA off" in md
+    # the quick protocol on a subset, IJB flip on, 10-fold flip off; "exact" is the quick protocol's old name
+    for name in ("quick", "exact"):
+        out = tmp_path / name
+        args = [str(tmp_path / "judge"), "--data", str(pairs), "--ijb-dir", str(tdir), "--out", str(out),
+                "--protocol", name, "--no-flip", "--ijb-flip", "--max-pairs", "10"]  # fmt: skip
+        assert eval_main(args) == 0
+        printed = capsys.readouterr().out
+        m = json.loads((out / "metrics.json").read_text())
+        v, j = m["verification"], m["ijb"]
+        assert v["protocol"] == "quick" and v["protocol_label"].startswith("quick 10-fold")
+        assert v["protocol_label"].endswith("first 10 of 20 pairs only") and v["full_set"] is False
+        assert v["flip"] is False and j["flip"] is True and m["ijb_flip"] is True and seen[-1] is True
+        assert "verification [quick 10-fold" in printed and "first 10 of 20 pairs only; flip TTA off]" in printed
+        assert "templates [IJB 1:1" in printed and "; flip TTA on]" in printed

@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -318,3 +319,56 @@ def test_profacec_server_stage_only_without_a_pretrained_server(tmp_path):
     torch.save({"model": {"server." + k: v for k, v in fresh.server.state_dict().items()}}, tmp_path / "server.pt")
     given = build_method("profacec", **dict(OPTS["profacec"], server_ckpt=str(tmp_path / "server.pt")))
     assert [s.name for s in given.stages()] == ["client"]
+
+
+# ------------------------------------------------------------------------------------ DuetFace ROI
+def test_duetface_template_roi_covers_the_face():
+    from ppfr.methods.duetface import DuetFaceOptions, template_landmarks, template_roi
+    from ppfr.models.faceapi import ARCFACE_TEMPLATE_112
+    from ppfr.ops.roi_mask import roi_mask_ref
+
+    assert DuetFaceOptions().roi == "template"  # the default: a fixed hull on the aligned template
+    m = template_roi(112, 112)
+    assert m.shape == (1, 1, 112, 112) and m.dtype == torch.float32 and set(m.unique().tolist()) == {0.0, 1.0}
+    assert m[0, 0, 56, 56] == 1  # the face centre
+    assert 0.2 <= m.mean().item() <= 0.8  # measured: 0.43
+    for x, y in ARCFACE_TEMPLATE_112:  # the five ArcFace landmarks are inside, the corners outside
+        assert m[0, 0, round(y), round(x)] == 1
+    assert m[0, 0, 0, 0] == m[0, 0, 0, -1] == m[0, 0, -1, 0] == m[0, 0, -1, -1] == 0
+    assert (m != m.flip(-1)).float().mean() < 0.02  # nearly mirror-symmetric, as the template is
+    lm = template_landmarks(112)  # the layout's eye centres / nose / mouth corners sit on the ArcFace template
+    five = np.stack([lm[60:68].mean(0), lm[68:76].mean(0), lm[54], lm[76], lm[82]])
+    assert np.abs(five - ARCFACE_TEMPLATE_112).max() < 2.0
+    assert torch.equal(m, roi_mask_ref(torch.from_numpy(lm)[None], 112).float())  # the ppfr.ops.roi_mask hull
+    assert template_roi(112, 112) is m  # computed once per size and device
+    d = build_method("duetface", depth=18, width=8).eval()
+    with torch.no_grad():
+        p = d.protect(_images(3))
+    assert torch.equal(p.tensors["roi"], m.expand(3, 1, 112, 112))  # the same for every image
+    p.tensors["roi"].zero_()
+    assert template_roi(112, 112).sum() > 0  # a payload owns its copy: the cache is not aliased
+    # the interactive mask is not the near-zero one an untrained PFLD gives: it is non-zero over the face
+    with torch.no_grad():
+        assert d.roi(_images(1)).mean() > 0.2
+
+
+def test_duetface_pfld_roi_needs_landmark_ckpt(tmp_path):
+    from ppfr.methods.duetface import DuetFaceOptions
+
+    with pytest.raises(ValueError, match="landmark_ckpt"):
+        DuetFaceOptions(roi="pfld")
+    with pytest.raises(ValueError, match="roi='pfld' needs landmark_ckpt"):
+        build_method("duetface", depth=18, roi="pfld")
+    with pytest.raises(ValueError, match="landmark_ckpt is only used with roi='pfld'"):
+        build_method("duetface", depth=18, landmark_ckpt="pfld.pth")
+    with pytest.raises(ValueError, match="roi must be one of template, pfld, none"):
+        build_method("duetface", depth=18, roi="hull")
+    # the paper setting with a checkpoint: the detector is loaded, frozen and gives a per-image ROI
+    pf = PFLDInference()
+    torch.save({"pfld_backbone": pf.state_dict()}, tmp_path / "pfld.pth")
+    m = build_method("duetface", depth=18, width=8, roi="pfld", landmark_ckpt=str(tmp_path / "pfld.pth")).eval()
+    assert torch.equal(m.landmarks.fc.weight, pf.fc.weight) and not m.landmarks.fc.weight.requires_grad
+    with torch.no_grad():
+        roi = m.protect(_images(2)).tensors["roi"]
+    assert roi.shape == (2, 1, 112, 112) and set(roi.unique().tolist()) <= {0.0, 1.0}
+    assert build_method("duetface", depth=18, width=8, roi="none").roi(_images(2)).eq(1).all()

@@ -43,7 +43,11 @@ def test_config_errors_name_the_key(tmp_path):
 def test_every_shipped_config_validates():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         if "base" not in path.name:
-            cfg = load_config(path)
+            try:
+                cfg = load_config(path)
+            except ConfigError as exc:  # the DuetFace paper configs need a PFLD checkpoint (tests/test_configs.py)
+                assert path.name.startswith("duetface_ir") and "landmark_ckpt" in str(exc), (path.name, exc)
+                cfg = load_config(path, ["method_options.roi=template"])
             assert cfg.name == path.stem and cfg.method in path.stem
             if cfg.stages:  # a listed stage must be one the method, built with the config's options, has
                 names = {s.name for s in build_method(cfg.method, **cfg.method_options).stages()}

@@ -77,3 +77,53 @@ def test_two_process_gloo_equals_one_process(tmp_path, monkeypatch):
         for k, v in got["params"].items():
             if v.is_floating_point():
                 torch.testing.assert_close(v, ref[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+# ----------------------------------------------------------------------- the device of each torchrun rank
+def _fake_cuda(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_train_device_is_the_ranks_own_gpu(monkeypatch):
+    import pytest
+
+    from ppfr.train.distributed import train_device
+
+    _fake_cuda(monkeypatch, 4)
+    assert train_device("cuda", {"LOCAL_RANK": "3", "RANK": "7", "WORLD_SIZE": "8"}) == torch.device("cuda", 3)
+    assert train_device("auto", {"LOCAL_RANK": "2"}) == torch.device("cuda", 2)
+    assert train_device("cuda", {}) == torch.device("cuda", 0)  # a single process: the first visible GPU
+    assert train_device("cuda:1", {}) == torch.device("cuda", 1)
+    assert train_device("cpu", {"LOCAL_RANK": "3"}) == torch.device("cpu")  # cpu stays cpu
+    with pytest.raises(ValueError, match="only 4 CUDA device"):
+        train_device("cuda", {"LOCAL_RANK": "5"})
+    with pytest.raises(ValueError, match="its own GPU"):
+        train_device("cuda:0", {"LOCAL_RANK": "3"})
+    with pytest.raises(ValueError, match="LOCAL_RANK must be an integer"):
+        train_device("cuda", {"LOCAL_RANK": "three"})
+    _fake_cuda(monkeypatch, 0)
+    assert train_device("auto", {"LOCAL_RANK": "3"}) == torch.device("cpu")
+    assert train_device("cpu", {}) == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        train_device("cuda", {"LOCAL_RANK": "0"})
+
+
+def test_trainer_uses_train_device(monkeypatch, tmp_path):
+    import pytest
+
+    from ppfr.train import trainer as trainer_mod
+    from ppfr.train.config import ConfigError
+
+    picked = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: picked.append(d))
+    monkeypatch.setattr(trainer_mod, "train_device", lambda requested, env: torch.device("cuda", int(env["LOCAL_RANK"])))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cfg = load_config(None, [f"out_dir={tmp_path}", "method=arcface", "method_options={depth: 18, width: 4}"])
+    t = trainer_mod.Trainer(cfg, quiet=True)
+    assert t.device == torch.device("cuda", 3) and picked == [torch.device("cuda", 3)]
+    monkeypatch.undo()  # the real train_device and CUDA state (none on CI: device=cuda is refused, one line)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device: .*no CUDA device"):
+            trainer_mod.Trainer(load_config(None, ["device=cuda", f"out_dir={tmp_path}"]), quiet=True)

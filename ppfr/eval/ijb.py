@@ -3,8 +3,9 @@
 A *template* is a set of images of one subject, grouped into *media* (a photo, or the frames of one video). Each
 image is embedded and L2-normalised; within a template the images of one media are averaged, the media features
 are summed and the sum is L2-normalised (insightface/TFace ``image2template_feature``). A template pair's score is
-the cosine similarity of the two template features; TPR at FPR = 1e-6 .. 1e-1 is read off the ROC at the point
-whose FPR is nearest to the target (:func:`ppfr.eval.verification.tpr_at_fpr`).
+the cosine similarity of the two template features; TPR at FPR = 1e-6 .. 1e-1 is read off sklearn's ROC at the
+point whose FPR is nearest to the target, with TFace ``IJB_Evaluation.py``'s tie rule (the reversed-ROC first
+minimum: among equally near points the highest FPR, then TPR; :func:`ppfr.eval.verification.tpr_at_fpr`).
 
 Listings (whitespace-separated text, ``#`` comments; see docs/eval.md):
 
@@ -16,9 +17,10 @@ Listings (whitespace-separated text, ``#`` comments; see docs/eval.md):
   then a loose crop, aligned here by a similarity onto the ArcFace 112x112 template (§1.2) with bilinear sampling
   and black outside, as the reference's ``cv2.warpAffine``. Without landmarks images must be aligned 112x112 crops.
 
-Reference options: ``use_flip_test`` (here ``flip``): an image's feature is normalise(f(x)) + normalise(f(flip x))
-before the re-normalisation; ``use_norm_score=False`` and ``use_detector_score=False`` are what ppfr does (the
-faceness score is read and ignored).
+Reference options: ``use_flip_test`` (here ``flip``, off by default as in the reference; ``ppfr eval --ijb-flip``
+turns it on): an image's feature is normalise(f(x)) + normalise(f(flip x)) before the re-normalisation;
+``use_norm_score=False`` and ``use_detector_score=False`` are what ppfr does (the faceness score is read and
+ignored).
 """
 
 from __future__ import annotations

@@ -13,8 +13,12 @@ Both return the mean and (population) std of the ten held-out accuracies. For un
 so the two differ only in where the threshold may fall (any observed value vs. a 0.01 grid).
 
 ROC / TPR@FPR follow the IJB evaluation (§7.2): :func:`roc_curve` reproduces ``sklearn.metrics.roc_curve``
-(distinct thresholds, collinear points dropped, a leading (0, 0) point), and :func:`tpr_at_fpr` takes, for each
-target FPR, the TPR of the ROC point whose FPR is *nearest* (ties -> the first point; no interpolation).
+(one point per distinct score, so tied scores are one threshold; with ``drop_intermediate`` the points whose
+second differences of FP and TP counts are both zero dropped; a leading (0, 0) point), and :func:`tpr_at_fpr`
+ports TFace's ``IJB_Evaluation.py`` reading: the ROC arrays are reversed (``np.flipud``) and, for each target, the
+point minimising ``|fpr - target|`` is taken, ties to the first of the *reversed* arrays (``min`` over
+``(distance, index)`` pairs) -- i.e. among equally near points the one with the highest FPR, then highest TPR. No
+interpolation.
 """
 
 from __future__ import annotations
@@ -167,9 +171,13 @@ def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fprs: Sequence[float] = D
                rule: str = "nearest") -> dict[float, float]:  # fmt: skip
     """TPR at each target FPR, read off the ROC (sklearn semantics, see :func:`roc_curve`).
 
-    rule ``"nearest"`` (the IJB reference, §7.2): the ROC point whose FPR is nearest to the target, ties to the first
-    (lowest-FPR, lowest-TPR) point. A target below 1 / (2 negatives) is not resolvable: its nearest point is the
-    leading (0, 0) and the TPR reported is 0 even when the ROC reaches a higher TPR at FPR 0.
+    rule ``"nearest"`` (the IJB reference, §7.2; TFace/insightface ``IJB_Evaluation.py`` exactly):
+    ``fpr, tpr, _ = roc_curve(label, score)`` (``drop_intermediate=True``), both reversed with ``np.flipud``, then
+    per target ``min(zip(abs(fpr - target), range(len(fpr))))``: the nearest ROC point, ties to the first of the
+    reversed arrays = the last in ROC order (highest FPR, then highest TPR among equally near points; on a vertical
+    ROC segment its top). A target below half the smallest non-zero FPR lands on FPR 0 and reads the highest TPR
+    reached there (the fraction of genuine pairs scoring above every impostor), which is not a measurement at the
+    target FPR: mind ``1 / negatives``.
     rule ``"at_most"``: the highest TPR among ROC points with FPR <= target (the usual operating-point reading;
     defined at every target).
     """
@@ -177,7 +185,8 @@ def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fprs: Sequence[float] = D
         raise ValueError(f"rule must be 'nearest' or 'at_most', got {rule!r}")
     fpr, tpr, _ = roc_curve(scores, labels, drop_intermediate=rule == "nearest")
     if rule == "nearest":
-        return {float(t): float(tpr[int(np.argmin(np.abs(fpr - t)))]) for t in fprs}
+        rf, rt = fpr[::-1], tpr[::-1]  # np.flipud; np.argmin's first minimum == min over (distance, index)
+        return {float(t): float(rt[int(np.argmin(np.abs(rf - t)))]) for t in fprs}
     return {float(t): float(tpr[fpr <= t].max()) for t in fprs}
 
 
@@ -185,7 +194,8 @@ def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fprs: Sequence[float] = D
 @dataclass
 class PairScores:
     """Per-pair results of embedding a verification set: sims (P,) cosine, dists (P,) squared L2 of the normalised
-    embeddings, same (P,) bool, folds (P,) fold ids; ``unreadable`` = images that could not be decoded."""
+    embeddings, same (P,) bool, folds (P,) fold ids; ``unreadable`` = images that could not be decoded;
+    ``listed`` = pairs in the set (more than P when ``max_pairs`` cut it)."""
 
     sims: np.ndarray
     dists: np.ndarray
@@ -193,6 +203,7 @@ class PairScores:
     folds: np.ndarray
     images: int
     unreadable: int = 0
+    listed: int = 0
 
 
 def open_pairs(data: str, image_root: str | None = None):
@@ -243,12 +254,13 @@ def pair_scores(embed: Callable[[torch.Tensor], torch.Tensor], data: str, *, ima
     """Embed a pair list / ``.bin`` (see :func:`embed_source`) and score every pair."""
     src, pairs = open_pairs(data, image_root)
     emb, ok = embed_source(embed, src, batch_size=batch_size, flip=flip, num_workers=num_workers)
+    listed = len(pairs)
     if max_pairs is not None:
         pairs = pairs[:max_pairs]
     a, b = emb[pairs[:, 2]].double(), emb[pairs[:, 3]].double()
     sims = (a * b).sum(1).numpy()
     dists = (a - b).pow(2).sum(1).numpy()
-    return PairScores(sims, dists, pairs[:, 1].astype(bool), pairs[:, 0], len(src), int((~ok).sum()))
+    return PairScores(sims, dists, pairs[:, 1].astype(bool), pairs[:, 0], len(src), int((~ok).sum()), listed)
 
 
 def evaluate_pairs(embed, pairs_file: str, *, batch_size: int = 64, image_root: str | None = None,

@@ -7,14 +7,23 @@ feature maps (interface up-sample + 1x1 conv, channel mean, min-max, times the l
 
 Choices (docs/methods.md): the interfaces are registered and trained (``interface="learned"``, faithful to the
 intent); ``interface="random_per_forward"`` reproduces the reference code, which re-creates a random 1x1 conv on
-every forward. The ROI comes from a PFLD landmark model when ``landmark_ckpt`` is given (``roi="pfld"``); with
-``roi="none"`` no ROI is applied (the mask is the normalised client mean alone).
+every forward. The ROI (``roi``):
+
+* ``"template"`` (default): one fixed mask for every image, the convex hull of a canonical 98-point face layout placed
+  on the 112x112 ArcFace-aligned template (:func:`template_landmarks`). The inputs are aligned crops, so the face sits
+  in the same place in every image; this needs no landmark detector.
+* ``"pfld"`` (the reference, METHODS.md §3.4; the paper configs): the convex hull of the 98 landmarks a pretrained
+  PFLD detector finds in each image. It needs ``landmark_ckpt`` (no official weights exist, TFace #88): an untrained
+  detector would give every image the same tiny corner ROI and a near-zero interactive mask, so it is refused.
+* ``"none"``: no ROI (the mask is the normalised client mean alone).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,12 +36,51 @@ from ppfr.models.mobilefacenet import ClientMobileFaceNet
 from ppfr.models.pfld import PFLDInference
 from ppfr.ops.feature_mask_fuse import feature_mask_fuse
 from ppfr.ops.freq import freq_encode
-from ppfr.ops.roi_mask import roi_mask
+from ppfr.ops.roi_mask import roi_mask, wflw_mean_face
 
 # Client channel set SUB_CHS (raster k = 8u + v), the same for Y, Cb, Cr; the server gets the other 54 ascending.
 SUB_CHS = (0, 1, 2, 3, 4, 5, 8, 9, 16, 24)
 CLIENT_CHANNELS = tuple(64 * c + k for c in range(3) for k in SUB_CHS)
 SERVER_CHANNELS = tuple(64 * c + k for c in range(3) for k in range(64) if k not in SUB_CHS)
+ROI_KINDS = ("template", "pfld", "none")
+
+# The WFLW points that correspond to the five ArcFace landmarks: eye centres (mean of each eye's 8 contour points),
+# nose tip, mouth corners.
+_WFLW_EYES = (range(60, 68), range(68, 76))
+_WFLW_NOSE_TIP, _WFLW_MOUTH = 54, (76, 82)
+
+
+def template_landmarks(size: int = 112) -> np.ndarray:
+    """(98, 2) float64 canonical face landmarks (pixels, x = column, y = row) of a ``size`` x ``size`` ArcFace-aligned
+    crop: the ROI of ``roi="template"``.
+
+    Derivation: the WFLW-layout mean face of :func:`ppfr.ops.roi_mask.wflw_mean_face` (jaw contour, brows, nose,
+    eyes, mouth) is mapped onto the crop by the least-squares similarity (Umeyama) that takes its five
+    ArcFace-corresponding points (the two eye centres, the nose tip, the two mouth corners) onto the standard 5-point
+    ArcFace template for 112x112 (METHODS.md §1.2), scaled by size / 112. Fit residual: at most 1.6 px at 112. The
+    hull spans x 10..102, y 34..107 (brows to chin, temple to temple) and covers 43 % of the crop; overlaid on the
+    mean of 300 celeba112 crops it follows the face outline.
+    """
+    from ppfr.models.faceapi import ARCFACE_TEMPLATE_112, similarity_transform
+
+    layout = wflw_mean_face().numpy()
+    eyes = [layout[list(r)].mean(0) for r in _WFLW_EYES]
+    src = np.stack([*eyes, layout[_WFLW_NOSE_TIP], *(layout[i] for i in _WFLW_MOUTH)])
+    a = similarity_transform(src, ARCFACE_TEMPLATE_112 * (size / 112.0))
+    return layout @ a[:, :2].T + a[:, 2]
+
+
+@lru_cache(maxsize=16)
+def _template_roi_cached(height: int, width: int, device: torch.device) -> torch.Tensor:
+    pts = template_landmarks(112) * np.array([width / 112.0, height / 112.0])
+    with torch.inference_mode(False):  # a normal tensor even when first asked for under inference_mode
+        return roi_mask(torch.from_numpy(pts)[None].to(device), (height, width))  # (1, 1, H, W) float32
+
+
+def template_roi(height: int = 112, width: int = 112, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(1, 1, H, W) float32 mask of ``roi="template"``: ``ppfr.ops.roi_mask`` of :func:`template_landmarks`, computed
+    once per (size, device) and cached (the returned tensor is shared: do not modify it in place)."""
+    return _template_roi_cached(int(height), int(width), torch.device(device))
 
 
 @dataclass(frozen=True)
@@ -41,15 +89,22 @@ class DuetFaceOptions(MethodOptions):
     width: int = 64  # IR base width (64 = standard; smaller for CPU-scale tiny models)
     image_size: int = 112
     interface: str = "learned"  # learned | random_per_forward (reference behaviour)
-    roi: str = "pfld"  # pfld | none
-    landmark_ckpt: str | None = None
+    roi: str = "template"  # template | pfld (needs landmark_ckpt; the paper setting) | none
+    landmark_ckpt: str | None = None  # PFLD checkpoint (key pfld_backbone) for roi="pfld"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.interface not in ("learned", "random_per_forward"):
             raise ValueError(f"interface must be learned or random_per_forward, got {self.interface!r}")
-        if self.roi not in ("pfld", "none"):
-            raise ValueError(f"roi must be pfld or none, got {self.roi!r}")
+        if self.roi not in ROI_KINDS:
+            raise ValueError(f"roi must be one of {', '.join(ROI_KINDS)}, got {self.roi!r}")
+        if self.roi == "pfld" and not self.landmark_ckpt:
+            raise ValueError("roi='pfld' needs landmark_ckpt (a PFLD checkpoint, key pfld_backbone; no official "
+                             "weights exist): an untrained detector gives every image the same tiny corner ROI. Set "
+                             "method_options.landmark_ckpt=PATH, or roi=template (a fixed face hull on the aligned "
+                             "112x112 template) or roi=none")  # fmt: skip
+        if self.landmark_ckpt and self.roi != "pfld":
+            raise ValueError(f"landmark_ckpt is only used with roi='pfld', got roi={self.roi!r}")
 
 
 class Interface(nn.Module):
@@ -87,11 +142,10 @@ class DuetFace(Method):
         )
         self.mask_weights = nn.Parameter(torch.zeros(4))  # w per interactive block, initialised to 0
         self.landmarks = PFLDInference() if options.roi == "pfld" else None
-        if self.landmarks is not None and options.landmark_ckpt:
+        if self.landmarks is not None:  # the options guarantee a checkpoint
             from ppfr.models.checkpoints import load_pfld
 
             load_pfld(self.landmarks, options.landmark_ckpt)
-        if self.landmarks is not None:
             self.landmarks.requires_grad_(False).eval()
         self.register_buffer("client_channels", torch.tensor(CLIENT_CHANNELS), persistent=False)
         self.register_buffer("all_channels", torch.tensor(CLIENT_CHANNELS + SERVER_CHANNELS), persistent=False)
@@ -105,7 +159,10 @@ class DuetFace(Method):
         return f[:, : len(CLIENT_CHANNELS)], f[:, len(CLIENT_CHANNELS) :]
 
     def roi(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) float32 binary ROI of ``images`` (see the module docstring for ``roi``)."""
         b, _, h, w = images.shape
+        if self.options.roi == "template":  # the same for every aligned crop: one cached mask, copied per sample
+            return template_roi(h, w, images.device).expand(b, 1, h, w).clone()
         if self.landmarks is None:
             return images.new_ones(b, 1, h, w, dtype=torch.float32)
         with torch.no_grad():

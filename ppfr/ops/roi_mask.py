@@ -575,6 +575,13 @@ def _wflw_template() -> torch.Tensor:
     return torch.tensor(pts, dtype=torch.float64)
 
 
+def wflw_mean_face() -> torch.Tensor:
+    """(98, 2) float64 WFLW-layout mean-face landmarks on [0, 1]^2 (x right, y down): contour 0-32, brows 33-50,
+    nose 51-59 (54 = nose tip), eyes 60-75, mouth 76-95 (76 / 82 = mouth corners), pupils 96-97. Approximate
+    positions: the shape of a mean face, not a measured one (see ``ppfr.methods.duetface.template_landmarks``)."""
+    return _wflw_template()
+
+
 def face_like_landmarks(
     batch: int, size: int = 112, *, generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:

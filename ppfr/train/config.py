@@ -59,12 +59,20 @@ class HeadConfig:
 
 @dataclass(frozen=True)
 class StageConfig:
+    """One training stage: ``epochs`` epochs of the step schedule (``optim.lr_steps`` count these), each ``repeat``
+    passes over the data. ``repeat`` is TFace's dataset replication ``NUM_AUG`` (PartialFace r, MinusFace stage-2
+    augmentation, METHODS §4.2 / §5.3): its ``AugmentedMultiDataset`` lists every sample r times, so one of its epochs
+    is r passes, each with fresh random ranks / shuffles. Here each pass is one shuffled pass of the loader."""
+
     name: str
     epochs: int = 1
+    repeat: int = 1
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
             raise ConfigError(f"stages[].epochs must be >= 0, got {self.epochs}")
+        if self.repeat < 1:
+            raise ConfigError(f"stages[].repeat must be >= 1, got {self.repeat}")
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,7 @@ class TrainConfig:
         for key in ("epochs", "checkpoint_every", "keep_last", "log_every"):
             if getattr(self, key) < (0 if key == "epochs" else 1):
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        check_method_options(self.method, self.method_options)
 
     @property
     def run_dir(self) -> Path:
@@ -121,6 +130,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return _to_plain(self)
+
+
+def check_method_options(method: str, options: dict) -> None:
+    """Build (without any weights) the method's options dataclass, so a bad method name or option -- an unknown key,
+    a bad value, an option that needs another (DuetFace ``roi: pfld`` needs ``landmark_ckpt``) -- is a ConfigError
+    naming the key when the config is loaded, not a traceback once training starts."""
+    from ppfr.methods.base import make_options, method_class
+
+    try:
+        cls = method_class(method)
+    except ValueError as exc:
+        raise ConfigError(f"method: {exc}") from None
+    try:
+        make_options(cls.Options, dict(options))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"method_options: {exc}") from None
 
 
 def _to_plain(obj: Any) -> Any:

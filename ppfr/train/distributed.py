@@ -8,9 +8,51 @@ processes on B/N samples each compute what one process computes on B.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+def train_device(requested: str, env: Mapping[str, str]) -> torch.device:
+    """The device one training process uses.
+
+    ``requested`` is the config's ``device``: ``cpu``; ``cuda`` (required); ``auto`` (CUDA when available, else CPU);
+    or an explicit ``cuda:N`` (single-process use only). Under ``torchrun`` every rank gets ``LOCAL_RANK`` from
+    ``env``, and CUDA means ``cuda:LOCAL_RANK`` (one GPU per rank; the CUDA_VISIBLE_DEVICES numbering), never GPU 0
+    for all. Without ``LOCAL_RANK`` (a single process) it is ``cuda:0``. Raises ValueError for a bad ``LOCAL_RANK``,
+    ``cuda`` without a CUDA device, a ``LOCAL_RANK`` with no GPU of that index, or ``cuda:N`` under torchrun with N
+    other than the rank's GPU.
+    """
+    requested = str(requested)
+    if requested == "cpu":
+        return torch.device("cpu")
+    if requested != "auto" and requested != "cuda" and not requested.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {requested!r}")
+    raw = env.get("LOCAL_RANK")
+    try:
+        local = int(raw) if raw not in (None, "") else None
+    except ValueError:
+        raise ValueError(f"LOCAL_RANK must be an integer, got {raw!r}") from None
+    if local is not None and local < 0:
+        raise ValueError(f"LOCAL_RANK must be >= 0, got {local}")
+    available = torch.cuda.is_available()
+    if requested == "auto" and not available:
+        return torch.device("cpu")
+    if not available:
+        raise ValueError(f"device {requested!r} asked for but no CUDA device is available")
+    if requested.startswith("cuda:"):
+        index = int(requested.split(":", 1)[1])
+        if local is not None and index != local:
+            raise ValueError(f"device {requested!r} under torchrun with LOCAL_RANK={local}: each rank must use its "
+                             f"own GPU (cuda:{local}); set device: cuda")  # fmt: skip
+    else:
+        index = 0 if local is None else local
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"cuda:{index} asked for (LOCAL_RANK={raw}) but only {count} CUDA device(s) are visible")
+    return torch.device("cuda", index)
 
 
 def world_size() -> int:

@@ -29,8 +29,8 @@ from torch import nn
 from ppfr.methods import Method, build_method
 from ppfr.models.checkpoints import CheckpointError, digest_path, remove_checkpoint, safe_load, save_checkpoint
 from ppfr.models.heads import ArcFaceHead, CosFaceHead, ShardedMarginHead
-from ppfr.train.config import StageConfig, TrainConfig
-from ppfr.train.distributed import all_reduce_grads, convert_batchnorm
+from ppfr.train.config import ConfigError, StageConfig, TrainConfig
+from ppfr.train.distributed import all_reduce_grads, convert_batchnorm, train_device
 from ppfr.train.logs import TrainLog
 
 
@@ -132,10 +132,14 @@ class Trainer:
         self.quiet = quiet
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
+        try:  # under torchrun each rank trains on its own GPU, cuda:LOCAL_RANK
+            self.device = train_device(cfg.device, os.environ)
+        except ValueError as exc:
+            raise ConfigError(f"device: {exc}") from None
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL, DALI and any bare .cuda() use the rank's GPU too
         if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-            dist.init_process_group(backend)
-        self.device = torch.device("cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if self.device.type == "cpu":
@@ -259,17 +263,22 @@ class Trainer:
             if "scaler" in ckpt:
                 self.scaler.load_state_dict(ckpt["scaler"])
         steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-        self.log(f"stage {stage_idx} '{stage.name}' ({stage.description}): {stage_cfg.epochs} epoch(s) x {steps} steps, "
-                 f"{sum(p.numel() for p in method.trainable_parameters()) / 1e6:.2f} M trainable parameters")  # fmt: skip
+        # An epoch is `repeat` passes over the data (TFace's NUM_AUG replication); the lr schedule counts epochs.
+        # state["epoch"] counts passes.
+        rep = stage_cfg.repeat
+        passes = stage_cfg.epochs * rep
+        per = f" x {rep} passes" if rep > 1 else ""
+        self.log(f"stage {stage_idx} '{stage.name}' ({stage.description}): {stage_cfg.epochs} epoch(s){per} x {steps} "
+                 f"steps, {sum(p.numel() for p in method.trainable_parameters()) / 1e6:.2f} M trainable parameters")  # fmt: skip
         first = last = None
         t_start = time.perf_counter()
         seen = 0
-        remaining = (stage_cfg.epochs - state["epoch"]) * steps - state["step_in_epoch"]
+        remaining = (passes - state["epoch"]) * steps - state["step_in_epoch"]
         done_here = 0
         with TrainLog(self.run_dir, enabled=self.is_main, tensorboard=cfg.tensorboard, progress=cfg.progress,
                       quiet=self.quiet) as tlog:  # fmt: skip
             self.tlog = tlog
-            for epoch in range(state["epoch"], stage_cfg.epochs):
+            for epoch in range(state["epoch"], passes):
                 loader.set_epoch(epoch)  # the data order is a pure function of (seed, epoch)
                 skip = state["step_in_epoch"] if epoch == state["epoch"] else 0
                 t0 = time.perf_counter()
@@ -278,7 +287,7 @@ class Trainer:
                         break
                     if step < skip:
                         continue
-                    lr = lr_at(cfg, epoch, state["global_step"])
+                    lr = lr_at(cfg, epoch // rep, state["global_step"])
                     for g in opt.param_groups:
                         g["lr"] = lr * g["lr_mult"]
                     images, labels = images.to(self.device), labels.to(self.device)
@@ -358,12 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)  # also validates the method options (ConfigError)
+        trainer = Trainer(cfg)  # the device (ConfigError: e.g. cuda asked for, none there)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"ppfr train: {exc}", file=sys.stderr)
         return 2
     try:
-        summary = Trainer(cfg).fit(resume=args.resume)
+        summary = trainer.fit(resume=args.resume)
     except CheckpointError as exc:  # e.g. --resume with no intact checkpoint: one line, not a traceback
         print(f"ppfr train: {exc}", file=sys.stderr)
         return 1

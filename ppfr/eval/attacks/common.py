@@ -426,11 +426,13 @@ def protect_with(method: Method, images: torch.Tensor, cfg: AttackConfig, stream
 
 def fit_attacker(module: torch.nn.Module, loss_fn: Callable[[torch.Tensor, int], torch.Tensor], train: FaceSet,
                  cfg: AttackConfig, *, steps: int, lr: float, batch_size: int, seed: int, name: str,
-                 device: torch.device | str = "cpu", log: Callable[[str], None] | None = print) -> dict[str, Any]:  # fmt: skip
+                 device: torch.device | str = "cpu", log: Callable[[str], None] | None = print,
+                 stop_below: float | None = None) -> dict[str, Any]:  # fmt: skip
     """The training loop every learned kind shares: ``steps`` batches of ``batch_size`` public faces (random
     horizontal flips when ``cfg.flip``, drawn from a generator seeded with ``seed``), ``loss_fn(faces (B, 3, S, S)
     in [-1, 1], step) -> scalar``, Adam on ``module``'s trainable parameters at ``lr`` cosine-decayed to 0, early
-    stop at ``cfg.time_limit`` seconds. Runs under ``enable_grad`` (a caller's ``no_grad`` must not make training a
+    stop at ``cfg.time_limit`` seconds, or once the mean loss of the last 10 steps is below ``stop_below`` (the
+    attacker has nothing left to learn: e.g. linkage through an exact inversion). Runs under ``enable_grad`` (a caller's ``no_grad`` must not make training a
     silent no-op). Returns steps, seconds, images/s, first/last loss (means over ``cfg.log_every``-step windows) and
     the loss curve."""
     params = [p for p in module.parameters() if p.requires_grad]
@@ -440,6 +442,7 @@ def fit_attacker(module: torch.nn.Module, loss_fn: Callable[[torch.Tensor, int],
     bs = min(batch_size, len(train))
     curve: list[tuple[int, float]] = []
     window: list[float] = []
+    recent: list[float] = []
     module.train()
     t0 = time.perf_counter()
     step = 0
@@ -457,17 +460,20 @@ def fit_attacker(module: torch.nn.Module, loss_fn: Callable[[torch.Tensor, int],
             opt.step()
             sched.step()
             window.append(loss.item())
+            recent.append(window[-1])
+            converged = stop_below is not None and len(recent) >= 10 and float(np.mean(recent[-10:])) < stop_below
             timed_out = cfg.time_limit is not None and time.perf_counter() - t0 > cfg.time_limit
-            if step % cfg.log_every == 0 or step == steps or timed_out:
+            if step % cfg.log_every == 0 or step == steps or timed_out or converged:
                 curve.append((step, float(np.mean(window))))
                 window = []
                 if log:
                     el = time.perf_counter() - t0
                     log(f"  {name} step {step}/{steps}  loss {curve[-1][1]:.4f}  {step * bs / el:.1f} img/s  "
                         f"{el:.0f}s")  # fmt: skip
-            if timed_out:
+            if timed_out or converged:
                 if log:
-                    log(f"  {name}: time limit {cfg.time_limit:.0f}s reached after {step} steps")
+                    why = f"time limit {cfg.time_limit:.0f}s reached" if timed_out else f"converged (loss < {stop_below})"
+                    log(f"  {name}: {why} after {step} steps")
                 break
     secs = time.perf_counter() - t0
     module.eval()
