@@ -24,7 +24,8 @@ from ppfr.train.config import ConfigError, TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-PAPER_CONFIGS = sorted(p.name for pattern in ("*_ir18.yaml", "*_ir50.yaml") for p in CONFIGS.glob(pattern))
+PAPER_CONFIGS = sorted(p.name for pattern in ("*_ir18.yaml", "*_ir50.yaml", "*_ir100.yaml")
+                       for p in CONFIGS.glob(pattern))  # fmt: skip
 
 # The TFace recipe (METHODS §1.5, §3.5, §4.4, §5.4): batch 64 per GPU, ArcFace s 64 m 0.5, SGD momentum 0.9,
 # weight decay 5e-4 for backbone and head, lr 0.1 divided by 10 at epochs 10, 18, 22, 24 epochs, seed 1337, no warm-up
@@ -38,8 +39,10 @@ TFACE = {
 }  # fmt: skip
 
 # IR stage ends (index of the last unit of each stage): where DuetFace's interactive blocks and PRO-Face C's
-# compensation sit (METHODS §3.3: IR-18 units 1, 3, 5, 7; IR-50 units 2, 6, 20, 23; §6.4).
-STAGE_ENDS = {18: [1, 3, 5, 7], 50: [2, 6, 20, 23]}
+# compensation sit (METHODS §3.3: IR-18 units 1, 3, 5, 7; IR-50 units 2, 6, 20, 23; §6.4: IR-101 units 2, 15, 45, 48).
+STAGE_ENDS = {18: [1, 3, 5, 7], 50: [2, 6, 20, 23], 100: [2, 15, 45, 48]}
+# PRO-Face C's paper setting (a pretrained frozen server, §6.1 / §6.4): these configs need server_ckpt (see _load)
+NEEDS_SERVER = ("profacec_ir50.yaml", "profacec_ir100.yaml")
 
 
 def _expected(method: str, depth: int) -> dict:
@@ -72,12 +75,16 @@ def _expected(method: str, depth: int) -> dict:
             "method_options.fp_warmup": False,
             "model.in_channels": 192, "model.fp_in_channels": 3, "model.unet": (192, (64, 128, 256, 512, 1024), 192),
         })  # fmt: skip
-    elif method == "profacec":  # §6.3-§6.5; shuffle_block 2 and server_bgr are documented choices
+    elif method == "profacec":  # §6.3-§6.6; shuffle_block 2 and server_bgr are documented choices
+        pretrained = _config_file(method, depth) in NEEDS_SERVER
         e.update({
             "seed": 1567, "epochs": 30, "optim.lr_steps": (5, 10, 16, 22), "optim.head_weight_decay": 4e-4,
-            # without server_ckpt ppfr first trains its own server (30 epochs); with one only the client stage runs
-            "stages": [("server", 30, 1), ("client", 30, 1)],
-            "method_options.server_ckpt": None, "method_options.server_bgr": True,
+            # IR-50 / IR-101: the paper's frozen pretrained server, only the client stage trains (loaded with a dummy
+            # server_ckpt, see _load); IR-18 (no pretrained AdaFace): ppfr first trains its own server (30 epochs)
+            "stages": [("client", 30, 1)] if pretrained else [("server", 30, 1), ("client", 30, 1)],
+            "method_options.server_ckpt": "adaface.ckpt" if pretrained else None,
+            "method_options.server_bgr": True,
+            "method_options.eval_blur": "hybrid", "method_options.eval_flip": False,  # §6.6: no flip TTA
             "method_options.shuffle_block": 2, "method_options.shuffle_key": 56,
             "method_options.bits": None, "method_options.keep_ratio": 1.0,
             "model.in_channels": 3, "model.client_in": 3,
@@ -94,6 +101,7 @@ def _config_file(method: str, depth: int) -> str:
 
 EXPECTED = {_config_file(m, d): _expected(m, d) for m in ("arcface", "arcface_fd", "duetface", "partialface",
                                                          "minusface", "profacec") for d in (18, 50)}  # fmt: skip
+EXPECTED["profacec_ir100.yaml"] = _expected("profacec", 100)  # the reference's AdaFace IR-101
 
 
 def _build_meta(cfg: TrainConfig):
@@ -101,8 +109,13 @@ def _build_meta(cfg: TrainConfig):
     opts = dict(cfg.method_options)
     if opts.get("roi") == "pfld":
         opts.update(roi="template", landmark_ckpt=None)
+    if cfg.method == "profacec":  # the pretrained server is loaded at build time; the structure does not depend on it
+        opts.pop("server_ckpt", None)
+    cls = method_class(cfg.method)
     with torch.device("meta"):
-        return method_class(cfg.method)(make_options(method_class(cfg.method).Options, opts))
+        method = cls(make_options(cls.Options, opts))
+    method.options = make_options(cls.Options, dict(cfg.method_options))  # the config's own (e.g. its server_ckpt)
+    return method
 
 
 def _method_stages(cfg: TrainConfig) -> list[str]:
@@ -184,6 +197,8 @@ def test_every_paper_config_has_expectations():
 
 def _load(name: str, overrides: list[str] | None = None) -> TrainConfig:
     extra = ["method_options.landmark_ckpt=pfld.pth"] if name.startswith("duetface") else []
+    if name in NEEDS_SERVER:
+        extra = ["method_options.server_ckpt=adaface.ckpt"]
     return load_config(CONFIGS / name, extra + (overrides or []))
 
 
@@ -240,7 +255,7 @@ def _mutations(cfg: TrainConfig, expected: dict) -> list[tuple[str, list[str]]]:
 
 
 @pytest.mark.parametrize("name", ["duetface_ir50.yaml", "partialface_ir18.yaml", "minusface_ir50.yaml",
-                                  "profacec_ir50.yaml", "arcface_fd_ir18.yaml"])  # fmt: skip
+                                  "profacec_ir50.yaml", "profacec_ir18.yaml", "arcface_fd_ir18.yaml"])  # fmt: skip
 def test_changing_any_listed_value_fails(name):
     expected = dict(EXPECTED[name])
     if name.startswith("duetface"):  # loaded with a (dummy) landmark_ckpt, see _load
@@ -272,6 +287,30 @@ def test_duetface_paper_configs_refuse_without_landmark_ckpt(capsys):
     assert err.count("\n") == 1  # one line, no traceback
     assert train_main([str(CONFIGS / "duetface_ir18.yaml")]) == 2
     assert "landmark_ckpt" in capsys.readouterr().err
+
+
+# ------------------------------------------------------- PRO-Face C: the paper setting needs a pretrained server
+def test_profacec_paper_configs_refuse_without_server_ckpt(capsys):
+    from ppfr.cli import main as ppfr_main
+    from ppfr.train.trainer import main as train_main
+
+    for name in NEEDS_SERVER:
+        with pytest.raises(ConfigError, match="method_options: server_ckpt is required"):
+            load_config(CONFIGS / name)
+    assert ppfr_main(["train", str(CONFIGS / "profacec_ir100.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ppfr train: method_options: server_ckpt is required") and "server_ckpt=PATH" in err
+    assert err.count("\n") == 1  # one line, no traceback
+    assert train_main([str(CONFIGS / "profacec_ir50.yaml")]) == 2
+    assert "server_ckpt" in capsys.readouterr().err
+    # named: it loads, and only the client stage trains (the server is frozen); the IR-18 config stays self-contained
+    cfg = load_config(CONFIGS / "profacec_ir100.yaml", ["method_options.server_ckpt=adaface_ir101.ckpt"])
+    assert cfg.method_options["depth"] == 100 and _method_stages(cfg) == ["client"]
+    assert _method_stages(load_config(CONFIGS / "profacec_ir18.yaml")) == ["server", "client"]
+    # the marker lives in a load-time option: a trained model rebuilds from model.pt without the checkpoint file
+    from ppfr.methods.base import LOAD_TIME_OPTIONS
+
+    assert "server_ckpt" in LOAD_TIME_OPTIONS
 
 
 def test_method_options_are_checked_when_the_config_loads():

@@ -630,3 +630,72 @@ def test_cli_eval_labels_protocol_and_flip(tmp_path, capsys, monkeypatch):
         assert v["flip"] is False and j["flip"] is True and m["ijb_flip"] is True and seen[-1] is True
         assert "verification [quick 10-fold" in printed and "first 10 of 20 pairs only; flip TTA off]" in printed
         assert "templates [IJB 1:1" in printed and "; flip TTA on]" in printed
+
+
+def test_cli_eval_per_rank_rows_and_summary(tmp_path, capsys):
+    """--per-rank: each of PartialFace's m * n ranks pinned (PFpaper Tab.2), min / max / mean beside the main row."""
+    from ppfr.eval.cli import main as eval_main, secret_variants
+    from ppfr.methods import load_method
+    from ppfr.ops.freq import freq_encode
+
+    pairs = _pair_dataset(tmp_path)
+    model = _tiny_model(tmp_path)
+    out = tmp_path / "eval"
+    assert eval_main([str(model), "--data", str(pairs), "--out", str(out), "--per-rank", "--no-flip",
+                      "--batch-size", "8"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    method = load_method(model)
+    n_ranks = method.space.m * method.space.n  # the code's space: 6 x 3
+    b = m["per_rank"]
+    assert b["count"] == n_ranks == 18 and list(b["rows"]) == [f"S{i}P{j}" for i in range(6) for j in range(3)]
+    accs = [r["accuracy"] for r in b["rows"].values()]
+    assert b["min"] == min(accs) and b["max"] == max(accs) and b["mean"] == pytest.approx(np.mean(accs))
+    assert all(r["pairs"] == 20 for r in b["rows"].values()) and "verification" in m  # the random-rank row stays
+    assert sum(ln.startswith("  S") and "acc" in ln for ln in printed.splitlines()) == n_ranks
+    assert f"over {n_ranks} ranks" in printed and "min " in printed and "/ max " in printed and "/ mean " in printed
+    assert "min / max / mean over 18" in (out / "metrics.md").read_text()
+    # a pinned variant is the server on that one rank's channels, for every image
+    x = torch.rand(3, 3, 112, 112) * 2 - 1
+    table = method.space.channel_table()
+    with torch.no_grad():
+        got = secret_variants(method, "cpu")["S2P1"](x)
+        ref = method.server(freq_encode(x, table[2, 1]))
+    assert torch.allclose(got, ref, atol=1e-5)
+    # without --per-rank: no rows; a method without a secret space declares none
+    assert eval_main([str(model), "--data", str(pairs), "--out", str(tmp_path / "e2"), "--no-flip"]) == 0
+    assert "per_rank" not in json.loads((tmp_path / "e2" / "metrics.json").read_text())
+    from ppfr.methods import build_method
+
+    assert secret_variants(build_method("arcface", depth=18, width=4), "cpu") == {}
+
+
+def test_cli_eval_profacec_rows_per_blur_and_no_flip_by_default(tmp_path, capsys):
+    """PRO-Face C (METHODS §6.6): one row per test blur (Gaussian, median, pixelate, hybrid), no flip TTA unless
+    asked; the evaluator takes both from the method, not from its name."""
+    from ppfr.eval.cli import main as eval_main
+    from ppfr.methods import build_method
+
+    pairs = _pair_dataset(tmp_path)
+    opts = {"depth": 18, "width": 4}
+    m = build_method("profacec", **opts)
+    model = tmp_path / "runs" / "pfc" / "model.pt"
+    model.parent.mkdir(parents=True)
+    torch.save({"model": m.state_dict(), "method": "profacec", "method_options": opts}, model)
+    out = tmp_path / "eval"
+    assert eval_main([str(model), "--data", str(pairs), "--out", str(out), "--batch-size", "8"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    v, b = metrics["verification"], metrics["variants"]
+    assert metrics["flip"] is False and v["flip"] is False and "flip TTA off]" in printed
+    assert list(b["rows"]) == ["gaussian", "median", "pixelate", "hybrid"] and b["tta"] == "flip TTA off"
+    assert b["rows"]["hybrid"]["accuracy"] == v["accuracy"]  # the configured blur is the main row
+    for kind in b["rows"]:
+        assert any(ln.startswith(f"  {kind}: acc") for ln in printed.splitlines()), kind
+    assert "| gaussian |" in (out / "metrics.md").read_text()
+    # --flip turns the TTA on for every row
+    out2 = tmp_path / "eval2"
+    assert eval_main([str(model), "--data", str(pairs), "--out", str(out2), "--flip", "--batch-size", "8",
+                      "--max-pairs", "10"]) == 0  # fmt: skip
+    m2 = json.loads((out2 / "metrics.json").read_text())
+    assert m2["flip"] is True and m2["variants"]["tta"] == "flip TTA on"

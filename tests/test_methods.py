@@ -372,3 +372,74 @@ def test_duetface_pfld_roi_needs_landmark_ckpt(tmp_path):
         roi = m.protect(_images(2)).tensors["roi"]
     assert roi.shape == (2, 1, 112, 112) and set(roi.unique().tolist()) <= {0.0, 1.0}
     assert build_method("duetface", depth=18, width=8, roi="none").roi(_images(2)).eq(1).all()
+
+
+# ------------------------------------------------------------------------- PRO-Face C evaluation blurs
+def test_profacec_eval_blur_variants_and_flip_default(methods, tmp_path):
+    from ppfr.methods import load_method
+    from ppfr.methods.profacec import EVAL_BLURS
+    from ppfr.ops.blur import gaussian_blur, hybrid_blur, median_blur, pixelate
+
+    m = methods["profacec"]
+    x = _images(2)
+    assert m.eval_flip is False  # the reference evaluates without flip TTA (METHODS §6.6)
+    variants = m.eval_variants()
+    assert list(variants) == list(EVAL_BLURS) == ["gaussian", "median", "pixelate", "hybrid"]
+    assert variants["hybrid"] is None  # the method as configured (eval_blur=hybrid): the evaluator's main row
+    want = {"gaussian": gaussian_blur(x, 31, 5.0), "median": median_blur(x, 13), "pixelate": pixelate(x, 7)}
+    for kind, ref in want.items():
+        with variants[kind]():
+            got = m.protect(x).tensors["image"]
+        assert torch.allclose(got, ref.clamp(-1, 1), atol=1e-6), kind
+    # outside the context: the test hybrid (n=16, k=13, sigma=5, b=7, per-image layouts), reproducible by seed
+    got = m.protect(x, generator=torch.Generator().manual_seed(3)).tensors["image"]
+    ref = hybrid_blur(x, generator=torch.Generator().manual_seed(3), train=False)
+    assert ref.params.n == 16 and torch.allclose(got, ref.image.clamp(-1, 1), atol=1e-6)
+    # the configured blur and the flip default are options; the training blur is unaffected by blur_as
+    other = build_method("profacec", **dict(OPTS["profacec"], eval_blur="median", eval_flip=True)).eval()
+    assert other.eval_flip is True and other.eval_variants()["median"] is None
+    assert torch.allclose(other.protect(x).tensors["image"], median_blur(x, 13).clamp(-1, 1), atol=1e-6)
+    with pytest.raises(ValueError, match="eval_blur"):
+        build_method("profacec", **dict(OPTS["profacec"], eval_blur="motion"))
+    with pytest.raises(ValueError, match="blur kind"):
+        with m.blur_as("motion"):
+            pass
+    # a paper-config model (server_ckpt named at training) rebuilds from its model.pt without the checkpoint file
+    opts = dict(OPTS["profacec"], server_ckpt=str(tmp_path / "gone.ckpt"))
+    torch.save({"model": m.state_dict(), "method": "profacec", "method_options": opts}, tmp_path / "model.pt")
+    assert torch.equal(load_method(tmp_path / "model.pt").server.input_layer[0].weight, m.server.input_layer[0].weight)
+
+
+def test_profacec_server_ckpt_required_marker():
+    with pytest.raises(ValueError, match="server_ckpt is required"):
+        build_method("profacec", **dict(OPTS["profacec"], server_ckpt="required"))
+
+
+def test_ir100_stage_layout():
+    with torch.device("meta"):
+        net = IRNet(100, 3, 512, 112)
+    assert list(net.stage_ends) == [2, 15, 45, 48] and len(net.body) == 49  # [3, 13, 30, 3] units (AdaFace IR-101)
+
+
+# ------------------------------------------------------------------------------- MinusFace toy task
+def test_minusface_toy_task_pixel_space():
+    """The reference's TASK toy: U-Net 3 -> 3 g, IR f on X - g(X), one stage alpha L1 + beta ArcFace."""
+    m = build_method("minusface", **dict(OPTS["minusface"], task="toy"))
+    assert [s.name for s in m.stages()] == ["toy"] and not hasattr(m, "recognizer_p")
+    assert m.generator.enc[0][0].in_channels == 3 and m.generator.head.out_channels == 3
+    assert m.recognizer.input_layer[0].in_channels == 3
+    x = _images(4)
+    m.eval()
+    with torch.no_grad():
+        p = m.protect(x)
+        assert torch.allclose(p.tensors["image"], x - m.generator(x)[0])
+        assert m.recognize(p).shape == (4, OPTS["minusface"].get("embedding_size", 512))
+    m.set_stage("toy")
+    m.train()
+    head = ArcFaceHead(m.options.embedding_size, 2)
+    out = m.training_step("toy", x, torch.tensor([0, 1, 0, 1]), head)
+    assert torch.isfinite(out["loss"]) and "l1" in out
+    out["loss"].backward()
+    assert m.generator.head.weight.grad is not None and m.recognizer.input_layer[0].weight.grad is not None
+    with pytest.raises(ValueError, match="task"):
+        build_method("minusface", task="pixel")

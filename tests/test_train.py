@@ -45,9 +45,13 @@ def test_every_shipped_config_validates():
         if "base" not in path.name:
             try:
                 cfg = load_config(path)
-            except ConfigError as exc:  # the DuetFace paper configs need a PFLD checkpoint (tests/test_configs.py)
-                assert path.name.startswith("duetface_ir") and "landmark_ckpt" in str(exc), (path.name, exc)
-                cfg = load_config(path, ["method_options.roi=template"])
+            except ConfigError as exc:  # the paper configs that need a file: DuetFace a PFLD checkpoint
+                # (tests/test_configs.py), PRO-Face C its pretrained frozen server
+                if path.name.startswith("profacec_ir") and "server_ckpt" in str(exc):
+                    cfg = load_config(path, ["method_options.server_ckpt=null"])
+                else:
+                    assert path.name.startswith("duetface_ir") and "landmark_ckpt" in str(exc), (path.name, exc)
+                    cfg = load_config(path, ["method_options.roi=template"])
             assert cfg.name == path.stem and cfg.method in path.stem
             if cfg.stages:  # a listed stage must be one the method, built with the config's options, has
                 names = {s.name for s in build_method(cfg.method, **cfg.method_options).stages()}
@@ -259,6 +263,7 @@ def test_flipped_byte_in_newest_checkpoint_falls_back_to_previous(tmp_path):
     print(f"\nflipped byte: {messages}")
     assert any(str(newest) in m and str(previous) in m and "SHA-256" in m for m in messages), messages
     assert any("skipping unusable checkpoint" in m for m in messages)
+    (cfg.run_dir / "model.pt").unlink()  # a run killed after its last checkpoint (a finished run is not resumed)
     with pytest.warns(UserWarning, match="resuming from"):
         Trainer(cfg, quiet=True).fit(resume=True)
     got = _params(cfg.run_dir / "model.pt")
@@ -277,6 +282,7 @@ def test_resume_refuses_when_no_checkpoint_is_intact(tmp_path, capsys):
     ckpts = list_checkpoints(cfg.run_dir)
     for p in ckpts:
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    (cfg.run_dir / "model.pt").unlink()  # killed before the end (a finished run is left alone, not resumed)
     config = tmp_path / f"{cfg.name}.yaml"
     config.write_text((cfg.run_dir / "config.yaml").read_text())
     before = _snapshot(cfg.run_dir)
@@ -290,3 +296,19 @@ def test_resume_refuses_when_no_checkpoint_is_intact(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="Refusing to resume"):
         Trainer(cfg, quiet=True).fit(resume=True)
     assert _snapshot(cfg.run_dir) == before
+
+
+def test_resume_of_a_finished_run_is_a_no_op(tmp_path):
+    """Trainer.fit(resume=True) on a run with model.pt: nothing is trained or written (model.pt was rewritten with
+    a new digest before, and the empty last stage returned None losses)."""
+    cfg = _cfg(tmp_path, "max_steps_per_epoch=1")
+    Trainer(cfg, quiet=True).fit()
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in cfg.run_dir.rglob("*") if p.is_file()}
+    assert Trainer(cfg, quiet=True).fit(resume=True) == {"stages": [], "finished": True}
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in cfg.run_dir.rglob("*") if p.is_file()} == files
+
+
+def test_unknown_stage_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no stage 'bogus'"):
+        Trainer(_cfg(tmp_path, "stages=[{name: bogus}]"), quiet=True).fit()
+    assert not (tmp_path / "t_arcface").exists()  # refused before anything was written

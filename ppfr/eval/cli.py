@@ -17,7 +17,16 @@ weight folder; the judge sees the clean RGB faces.
   ("apply the method's client transform to x and to the flipped x separately"). On by default for 10-fold
   verification (``--flip/--no-flip``, as §7.1), off by default for IJB (``--ijb-flip`` turns it on; the
   reference's ``use_flip_test=False``). The random client draws (PartialFace ranks, MinusFace permutations, ...)
-  come from one generator seeded by ``--seed``, so a run is reproducible.
+  come from one generator seeded by ``--seed``, so a run is reproducible. A method may declare its own default
+  (``method.eval_flip``): PRO-Face C's is off, as its reference evaluates (METHODS §6.6); ``--flip`` turns it on.
+* Evaluation variants, one row each beside the main result, asked of the method through generic hooks (the evaluator
+  never asks which method it runs):
+  * ``method.eval_variants() -> {name: context factory | None}``: the variants the method is evaluated under by
+    default; ``None`` names the method as configured (the main row). PRO-Face C: one row per test blur (Gaussian,
+    median, pixelate, hybrid; §6.6).
+  * ``--per-rank``: for a method whose payload operator declares a secret space (``payload_operator()`` with more
+    than one candidate channel list, e.g. PartialFace's m * n ranks), each secret pinned for every image, plus the
+    min / max / mean accuracy over them (PFpaper Tab.2), beside the main random-rank result.
 
 Writes ``metrics.json``, ``metrics.md`` (a Markdown table) and ``roc.png`` into ``--out``. Needs no GPU.
 """
@@ -25,6 +34,7 @@ Writes ``metrics.json``, ``metrics.md`` (a Markdown table) and ``roc.png`` into 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -54,8 +64,9 @@ def _fmt_fpr(f: float) -> str:
     return f"{f:.0e}".replace("e-0", "e-")
 
 
-def _build_embed(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
-    """-> (embed(images (B,3,112,112) in [-1,1]) -> (B, D), description of the model for metrics.json)."""
+def _build_embed(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict, object]:
+    """-> (embed(images (B,3,112,112) in [-1,1]) -> (B, D), description of the model for metrics.json, the method
+    (None for a judge))."""
     from ppfr.models.faceapi import MANIFEST_NAME
 
     path = Path(args.checkpoint)
@@ -67,8 +78,9 @@ def _build_embed(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], tor
         from ppfr.models.faceapi import load_faceapi_judge
 
         model = load_faceapi_judge(path, device=device)
-        return (lambda x: model.embed(x.to(device))), {"kind": "judge", "judge": "faceapi", "checkpoint": str(path),
-                                                       "input": "clean RGB, warped to the dlib 150x150 chip"}  # fmt: skip
+        desc = {"kind": "judge", "judge": "faceapi", "checkpoint": str(path),
+                "input": "clean RGB, warped to the dlib 150x150 chip"}
+        return (lambda x: model.embed(x.to(device))), desc, None
     if path.is_dir():
         if (path / "model.pt").is_file():
             path = path / "model.pt"  # a run folder
@@ -83,7 +95,57 @@ def _build_embed(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], tor
     gen = torch.Generator().manual_seed(args.seed)
     desc = {"kind": "method", "method": method.name, "checkpoint": str(path),
             "options": {f.name: _jsonable(getattr(method.options, f.name)) for f in dataclasses.fields(method.options)}}
-    return (lambda x: method.embed(x.to(device), generator=gen)), desc
+    return (lambda x: method.embed(x.to(device), generator=gen)), desc, method
+
+
+def _in_context(method, factory: Callable[[], contextlib.AbstractContextManager], seed: int, device):
+    gen = torch.Generator().manual_seed(seed)  # each variant draws exactly what the main row draws
+
+    def embed(x: torch.Tensor) -> torch.Tensor:
+        with factory():
+            return method.embed(x.to(device), generator=gen)
+
+    return embed
+
+
+def method_variants(method, seed: int, device) -> dict[str, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """The method's own evaluation variants (``method.eval_variants()``) as embed functions; None = the main row."""
+    hook = getattr(method, "eval_variants", None)
+    if method is None or hook is None:
+        return {}
+    return {name: None if f is None else _in_context(method, f, seed, device) for name, f in hook().items()}
+
+
+def secret_variants(method, device) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """One embed function per secret of the method's declared secret space, pinned for every image: the payload
+    operator's candidate channel lists (PartialFace: the m * n ranks, ``SiPj``). Empty when the method declares none
+    (no operator, a single candidate, or a payload with more than the operator's tensor)."""
+    from ppfr.methods.base import Payload
+    from ppfr.ops.freq import freq_encode
+
+    op = method.payload_operator() if method is not None else None
+    if op is None or op.candidates.shape[0] < 2 or set(method.payload_spec) != {op.tensor}:
+        return {}
+
+    def pinned(row: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def embed(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(device).float()
+            return method.recognize(Payload(method.name, {op.tensor: freq_encode(x, row.to(device))}))
+
+        return embed
+
+    return {name: pinned(row) for name, row in zip(op.names, op.candidates)}
+
+
+def _variant_row(v: dict) -> dict:
+    keep = ("accuracy", "std", "auc", "threshold", "threshold_metric", "fold_accuracies", "tpr_at_fpr", "pairs")
+    return {k: v[k] for k in keep}
+
+
+def _variants_block(kind: str, label: str, rows: dict[str, dict], v: dict) -> dict:
+    accs = [r["accuracy"] for r in rows.values()]
+    return {"kind": kind, "label": label, "protocol_label": v["protocol_label"], "tta": v["tta"], "rows": rows,
+            "min": min(accs), "max": max(accs), "mean": float(np.mean(accs)), "count": len(accs)}  # fmt: skip
 
 
 def _jsonable(v):
@@ -173,6 +235,15 @@ def _markdown(metrics: dict) -> str:
                   "| accuracy (%) | std (%) | threshold | AUC |", "|---|---|---|---|",
                   f"| {v['accuracy'] * 100:.2f} | {v['std'] * 100:.2f} | {thr} | {v['auc']:.4f} |", ""]  # fmt: skip
         lines += _tpr_table(v)
+    for key in ("variants", "per_rank"):
+        b = metrics.get(key)
+        if b:
+            lines += [f"## {b['label']}: {b['protocol_label']}; {b['tta']}", "",
+                      f"| {b['kind']} | accuracy (%) | std (%) | AUC |", "|---|---|---|---|"]  # fmt: skip
+            lines += [f"| {n} | {r['accuracy'] * 100:.2f} | {r['std'] * 100:.2f} | {r['auc']:.4f} |"
+                      for n, r in b["rows"].items()]  # fmt: skip
+            lines += [f"| min / max / mean over {b['count']} | {b['min'] * 100:.2f} / {b['max'] * 100:.2f} / "
+                      f"{b['mean'] * 100:.2f} | | |", ""]  # fmt: skip
     j = metrics.get("ijb")
     if j:
         lines += [f"## 1:1 template verification ({j['set']}): {j['protocol_label']}; {j['tta']}", "",
@@ -245,20 +316,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"ppfr eval: --device {args.device} asked for but no CUDA device is available", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    reading = f"checkpoint {args.checkpoint}"  # what is being read, for a decoding error (which names no file)
     try:
-        embed, desc = _build_embed(args)
+        embed, desc, method = _build_embed(args)
+        if args.flip is None:  # the method's declared default (PRO-Face C: off, METHODS §6.6), else §7.1's flip
+            args.flip = bool(getattr(method, "eval_flip", True)) if method is not None else True
         meter = _NormMeter(embed)
         # top-level flip = the 10-fold verification's (kept for older readers); each block names its own
         metrics: dict = {"model": desc, "flip": bool(args.flip), "ijb_flip": bool(args.ijb_flip), "seed": args.seed}
         curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if args.data:
             label = f"verification ({Path(args.data).name}, {_tta(args.flip)})"
+            reading = f"--data {args.data}"
             metrics["verification"], curves[label] = _verification(meter, args)
+            variants = method_variants(method, args.seed, args.device)
+            if variants:
+                rows = {n: _variant_row(metrics["verification"] if f is None else _verification(f, args)[0])
+                        for n, f in variants.items()}  # fmt: skip
+                metrics["variants"] = _variants_block("variant", f"evaluation variants of {desc['method']}", rows,
+                                                      metrics["verification"])  # fmt: skip
+            if args.per_rank:
+                secrets = secret_variants(method, args.device)
+                if secrets:
+                    rows = {n: _variant_row(_verification(f, args)[0]) for n, f in secrets.items()}
+                    metrics["per_rank"] = _variants_block("rank", "per-rank (each secret pinned for every image)",
+                                                          rows, metrics["verification"])  # fmt: skip
+                else:
+                    print("ppfr eval: --per-rank: the model declares no secret space; only the main row",
+                          file=sys.stderr)  # fmt: skip
         if args.ijb_dir:
             label = f"templates ({Path(args.ijb_dir).name}, {_tta(args.ijb_flip)})"
+            reading = f"--ijb-dir {args.ijb_dir}"
             metrics["ijb"], curves[label] = _ijb(meter, args)
     except (CheckpointError, DataFormatError, FileNotFoundError) as exc:
         print(f"ppfr eval: {exc}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as exc:  # a binary file (a .pkl, an image, ...) where a text listing was expected
+        print(f"ppfr eval: {reading}: not a text listing nor a format ppfr reads (expected a pair list 'fold same "
+              f"a b' / LFW pairs.txt or an insightface .bin; byte {exc.start} is not {exc.encoding} text)",
+              file=sys.stderr)  # fmt: skip
         return 2
     metrics["embedding_norm"] = meter.summary()  # raw network outputs, before flip-sum and normalisation
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
@@ -276,6 +372,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"({v['threshold_metric']}), AUC {v['auc']:.4f}")  # fmt: skip
         print(f"  TPR (%) @ FPR [{TPR_LABEL}; {v['tta']}] {tprs} (FPR below {v['min_resolvable_fpr']:.1e} not "
               "resolvable)")  # fmt: skip
+        for key in ("variants", "per_rank"):
+            b = metrics.get(key)
+            if not b:
+                continue
+            print(f"{b['label']} [{b['protocol_label']}; {b['tta']}]:")
+            for n, r in b["rows"].items():
+                print(f"  {n}: acc {r['accuracy'] * 100:.2f} +- {r['std'] * 100:.2f} %, AUC {r['auc']:.4f}")
+            print(f"  min {b['min'] * 100:.2f} / max {b['max'] * 100:.2f} / mean {b['mean'] * 100:.2f} % over "
+                  f"{b['count']} {b['kind']}s")  # fmt: skip
     if "ijb" in metrics:
         j = metrics["ijb"]
         tprs = ", ".join(f"{k}: {x * 100:.2f}" for k, x in j["tpr_at_fpr"].items())
@@ -298,8 +403,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ijb-name", default=None, help="IJB set name under meta/ (e.g. ijbc); default: the only one")
     p.add_argument("--judge", default=None, choices=JUDGES, help="evaluate a pretrained judge on clean RGB faces")
     p.add_argument("--out", default=None, help="output folder (default runs/eval/<model>-<data>)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
-                   help="10-fold verification: flip TTA f(x) + f(flip x) (default on, as §7.1)")  # fmt: skip
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="10-fold verification: flip TTA f(x) + f(flip x) (default: the method's declared default, "
+                        "else on, as §7.1; PRO-Face C: off, as §6.6)")  # fmt: skip
+    p.add_argument("--per-rank", action="store_true",
+                   help="also evaluate each secret of the method's secret space pinned (PartialFace: every rank), "
+                        "with min / max / mean accuracy (PFpaper Tab.2)")  # fmt: skip
     p.add_argument("--ijb-flip", action=argparse.BooleanOptionalAction, default=False,
                    help="IJB templates: flip TTA, the reference's use_flip_test (default off, as §7.2)")  # fmt: skip
     p.add_argument("--protocol", default="reference", choices=sorted(PROTOCOLS),

@@ -13,11 +13,23 @@ code's 2x2 grid); ``bits=None`` / ``keep_ratio=1.0`` reproduce the code (no quan
 and a keep ratio < 1 turn them on, with a straight-through gradient in training); ``server_bgr=True`` feeds the
 AdaFace server BGR as it was trained (``False`` reproduces the reference's RGB); the target embedding is computed
 without gradient (the reference wastes a backward through it).
+
+Evaluation (METHODS §6.6): the client blur at test time is ``eval_blur`` (``hybrid`` by default: n = 16, k = 13,
+sigma = 5, b = 7, one random layout per image); :meth:`ProFaceC.eval_variants` gives ``ppfr eval`` one row per blur
+type (Gaussian k 31 sigma 5, median k 13, pixelate b 7, hybrid) as the reference's ``perform_val`` does, and
+``eval_flip=False`` (the reference: no flip TTA) is the evaluator's default for this method.
+
+Paper configs: ``server_ckpt: required`` (configs/profacec_ir50.yaml, profacec_ir100.yaml) marks the paper's setting,
+a pretrained frozen server; such a config does not load until ``method_options.server_ckpt=PATH`` names one (a
+ConfigError naming ``server_ckpt``, exit 2 from ``ppfr train``). The marker lives in ``server_ckpt`` itself, a
+load-time option (``ppfr.methods.base.LOAD_TIME_OPTIONS``), so a trained model.pt rebuilds without the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +40,16 @@ from ppfr.methods.base import Method, MethodOptions, Payload, Stage, TensorSpec,
 from ppfr.models.ir import IRNet
 from ppfr.models.mobilefacenet import ClientMobileFaceNet
 from ppfr.ops.block_shuffle import block_channel_shuffle, block_grid, block_perm_table, dequantize, prune, quantize
-from ppfr.ops.blur import hybrid_blur
+from ppfr.ops.blur import (
+    GAUSSIAN_K, TEST_MEDIAN_K, TEST_PIXEL_B, TEST_SIGMA, gaussian_blur, hybrid_blur, median_blur, pixelate,
+)  # fmt: skip
 from ppfr.ops.feature_mask_fuse import feature_mask_fuse_residual
+
+
+# ``server_ckpt: required`` in a config: the paper's setting, a pretrained server must be named (see the docstring).
+SERVER_CKPT_REQUIRED = "required"
+# The test-time blurs of METHODS §6.6, in the order ``ppfr eval`` reports them.
+EVAL_BLURS = ("gaussian", "median", "pixelate", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -43,9 +63,18 @@ class ProFaceCOptions(MethodOptions):
     shuffle_key: int = 56
     bits: int | None = None
     keep_ratio: float = 1.0
+    eval_blur: str = "hybrid"  # the test-time blur (METHODS §6.6): hybrid | gaussian | median | pixelate
+    eval_flip: bool = False  # the evaluator's flip-TTA default for this method (the reference: none, §6.6)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.server_ckpt == SERVER_CKPT_REQUIRED:
+            raise ValueError(
+                "server_ckpt is required: this config is the paper's setting, a pretrained frozen server "
+                "(METHODS §6.1, §6.4); pass method_options.server_ckpt=PATH (an AdaFace .ckpt such as "
+                "adaface_ir101_webface12m.ckpt / adaface_ir50_webface4m.ckpt, or runs/<arcface run>/model.pt)")
+        if self.eval_blur not in EVAL_BLURS:
+            raise ValueError(f"eval_blur must be one of {', '.join(EVAL_BLURS)}, got {self.eval_blur!r}")
         if self.bits not in (None, 8, 4):
             raise ValueError(f"bits must be None, 8 or 4, got {self.bits}")
         if not 0.0 < self.keep_ratio <= 1.0:
@@ -97,8 +126,41 @@ class ProFaceC(Method):
             **{f"aux{i}": TensorSpec((c, sz, sz)) for i, (c, sz) in enumerate(self.shapes)},
         }
 
+    _eval_blur: str | None = None  # set by blur_as()
+
     def blur(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return hybrid_blur(images.float(), generator=generator, train=self.training).image
+        """Training: the hybrid blur with per-batch random parameters (§6.2). Evaluation: ``eval_blur`` (or the kind
+        :meth:`blur_as` selects) with the test parameters of §6.2 / §6.6."""
+        x = images.float()
+        kind = "hybrid" if self.training else (self._eval_blur or self.options.eval_blur)
+        if kind == "gaussian":
+            return gaussian_blur(x, GAUSSIAN_K, TEST_SIGMA)
+        if kind == "median":
+            return median_blur(x, TEST_MEDIAN_K)
+        if kind == "pixelate":
+            return pixelate(x, TEST_PIXEL_B)
+        return hybrid_blur(x, generator=generator, train=self.training).image
+
+    @contextlib.contextmanager
+    def blur_as(self, kind: str) -> Iterator[ProFaceC]:
+        """``with method.blur_as("median"):`` evaluation uses that blur (one of EVAL_BLURS); training is unaffected."""
+        if kind not in EVAL_BLURS:
+            raise ValueError(f"blur kind must be one of {', '.join(EVAL_BLURS)}, got {kind!r}")
+        old, self._eval_blur = self._eval_blur, kind
+        try:
+            yield self
+        finally:
+            self._eval_blur = old
+
+    def eval_variants(self) -> dict[str, Callable[[], contextlib.AbstractContextManager] | None]:
+        """The evaluator hook: one variant per test blur (METHODS §6.6); ``None`` marks the method as configured
+        (``eval_blur``), which the evaluator's main row already measures."""
+        return {k: (None if k == self.options.eval_blur else (lambda k=k: self.blur_as(k))) for k in EVAL_BLURS}
+
+    @property
+    def eval_flip(self) -> bool:
+        """The evaluator's flip-TTA default (``ppfr eval --flip`` overrides): off, as the reference evaluates."""
+        return self.options.eval_flip
 
     def protect(self, images, labels=None, generator=None) -> Payload:
         """-> image (blurred, B x 3 x 112 x 112 in [-1, 1]) and aux0..3 compensation maps (aux0 block-shuffled)."""

@@ -7,6 +7,7 @@ A config file may name a ``base:`` file (relative to itself) whose values it ove
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,6 +45,12 @@ class OptimConfig:
             raise ConfigError(f"optim.momentum must lie in [0, 1), got {self.momentum}")
         if self.weight_decay < 0 or self.warmup_steps < 0:
             raise ConfigError("optim.weight_decay and optim.warmup_steps must be >= 0")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"optim.grad_clip must be null (no clipping) or positive, got {self.grad_clip}")
+        if self.head_weight_decay is not None and self.head_weight_decay < 0:
+            raise ConfigError(f"optim.head_weight_decay must be null or >= 0, got {self.head_weight_decay}")
+        if any(e < 0 for e in self.lr_steps):
+            raise ConfigError(f"optim.lr_steps must be epochs >= 0, got {list(self.lr_steps)}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,13 @@ class HeadConfig:
     def __post_init__(self) -> None:
         if self.type not in ("arcface", "cosface"):
             raise ConfigError(f"head.type must be arcface or cosface, got {self.type!r}")
+        if not self.s > 0:
+            raise ConfigError(f"head.s (the logit scale) must be positive, got {self.s}")
+        # ArcFace adds m to the angle (cos(theta + m)), CosFace subtracts it from the cosine: beyond pi/2 resp. 1
+        # the target logit is never the largest and training cannot converge
+        top = math.pi / 2 if self.type == "arcface" else 1.0
+        if not 0 <= self.m < top:
+            raise ConfigError(f"head.m (the {self.type} margin) must lie in [0, {top:.4g}), got {self.m}")
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,12 @@ class EvalConfig:
     max_pairs: Optional[int] = None
     before: bool = True  # also evaluate the untrained model (the baseline the acceptance compares against)
     after: bool = True  # evaluate the trained model at the end (off when a caller evaluates it its own way)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise ConfigError(f"eval.max_pairs must be None or >= 1, got {self.max_pairs}")
 
 
 @dataclass(frozen=True)
@@ -121,7 +141,11 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for key in ("epochs", "checkpoint_every", "keep_last", "log_every"):
             if getattr(self, key) < (0 if key == "epochs" else 1):
-                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+                want = ">= 0" if key == "epochs" else "positive"
+                raise ConfigError(f"{key} must be {want}, got {getattr(self, key)}")
+        for key in ("max_steps_per_epoch", "threads"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be null (no cap / the default) or >= 1, got {getattr(self, key)}")
         check_method_options(self.method, self.method_options)
 
     @property
@@ -217,6 +241,8 @@ def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
         raise
     except (ValueError, TypeError) as exc:
         msg = str(exc)
+        if cls is DataConfig and prefix:  # DataConfig names its keys DataConfig.<key>; here they are <prefix><key>
+            msg = msg.replace("DataConfig.", prefix)
         raise ConfigError(msg if prefix.rstrip(".") in msg or not prefix else f"{prefix.rstrip('.')}: {msg}") from None
 
 
@@ -231,7 +257,7 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_one_line(exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping at the top level")
     base = data.pop("base", None)
@@ -253,8 +279,16 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r}: {p!r} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key.strip()!r}: value {raw!r} is not valid YAML ({_one_line(exc)})") from None
     return out
+
+
+def _one_line(exc: Exception) -> str:
+    """A (multi-line, caret-drawing) YAML error as one line."""
+    return " ".join(str(exc).split())
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -262,3 +296,68 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     values = _read_yaml(Path(path)) if path is not None else {}
     values = apply_overrides(values, overrides or [])
     return from_dict(TrainConfig, values)
+
+
+# ------------------------------------------------------------------------------------------------ run folders
+#: Keys a ``--resume`` may change on the command line: they decide how a run is executed, logged or checked, not
+#: what it computes (the parameters a resumed run ends with). A key ending in ``.`` covers its whole section.
+#: ``name`` and ``out_dir`` only locate the run folder. Everything else is fixed by the run's saved config.yaml.
+RESUME_SAFE_KEYS: tuple[str, ...] = (
+    "name", "out_dir", "threads", "progress", "log_every", "tensorboard", "device", "checkpoint_every", "keep_last",
+    "data.num_workers", "data.prefetch", "eval.",
+)  # fmt: skip
+
+
+def resume_safe(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_SAFE_KEYS)
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict) and k != "method_options":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """The config of an existing run folder (its saved ``config.yaml``), for ``--resume``.
+
+    ``overrides`` may change only :data:`RESUME_SAFE_KEYS`; any other change is a ConfigError naming the keys (a
+    resumed run must compute what the run started computing). ``name`` and ``out_dir`` are set from the folder, so
+    a moved run folder resumes in place."""
+    run_dir = Path(run_dir)
+    saved_path = run_dir / "config.yaml"
+    saved = _read_yaml(saved_path)
+    saved_cfg = from_dict(TrainConfig, saved)
+    cfg = from_dict(TrainConfig, apply_overrides(saved, overrides or []))
+    old, new = _flat(saved_cfg.to_dict()), _flat(cfg.to_dict())
+    changed = [k for k in new if new[k] != old.get(k) and not resume_safe(k)]
+    if changed:
+        what = ", ".join(f"{k}={_show(old.get(k))} -> {_show(new[k])}" for k in changed)
+        raise ConfigError(f"--resume: {saved_path} fixes the experiment; refusing to change {what} (a resume may "
+                          f"change only {', '.join(RESUME_SAFE_KEYS)}). Train a new run (another name=) instead")
+    return dataclasses.replace(cfg, name=run_dir.name, out_dir=str(run_dir.parent))
+
+
+def _show(v: Any) -> str:
+    return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+def config_help() -> str:
+    """Every config key with its default, generated from the dataclasses (``ppfr train -h``)."""
+    lines: list[str] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, f"{prefix}{f.name}.")
+                continue
+            key = f"{prefix}{f.name}"
+            lines.append(f"  {key} = {_show(_to_plain(v))}{'  *' if resume_safe(key) else ''}")
+
+    walk(TrainConfig(), "")
+    return "\n".join(lines)

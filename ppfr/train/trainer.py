@@ -27,6 +27,7 @@ import yaml
 from torch import nn
 
 from ppfr.methods import Method, build_method
+from ppfr.data._common import DataFormatError
 from ppfr.models.checkpoints import CheckpointError, digest_path, remove_checkpoint, safe_load, save_checkpoint
 from ppfr.models.heads import ArcFaceHead, CosFaceHead, ShardedMarginHead
 from ppfr.train.config import ConfigError, StageConfig, TrainConfig
@@ -161,7 +162,7 @@ class Trainer:
             known = {s.name for s in method.stages()}
             for s in self.cfg.stages:
                 if s.name not in known:
-                    raise ValueError(f"stages: {self.cfg.method} has no stage {s.name!r} (has {sorted(known)})")
+                    raise ConfigError(f"stages: {self.cfg.method} has no stage {s.name!r} (has {sorted(known)})")
             return list(self.cfg.stages)
         return [StageConfig(s.name, self.cfg.epochs) for s in method.stages()]
 
@@ -174,7 +175,10 @@ class Trainer:
         data = self.cfg.data
         if self.world > 1:
             data = replace(data, world_size=self.world, rank=self.rank)
-        return make_loader(data)
+        try:
+            return make_loader(data)
+        except (FileNotFoundError, DataFormatError) as exc:  # a missing or unreadable data.source: the user's
+            raise ConfigError(f"data.source={data.source}: {exc}") from None
 
     def train_step(self, method: Method, head: nn.Module, opt: torch.optim.Optimizer, stage: str,
                    images: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor:  # fmt: skip
@@ -204,8 +208,13 @@ class Trainer:
     # -- main loop ---------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
         """Train every stage; ``resume``: continue from the newest intact checkpoint (CheckpointError, before
-        anything is written, if the run has checkpoints but none is intact)."""
+        anything is written, if the run has checkpoints but none is intact). Resuming a finished run (its model.pt
+        exists) changes nothing and returns ``{"stages": [], "finished": True}``."""
         cfg = self.cfg
+        if resume and (self.run_dir / "model.pt").is_file():
+            self.log(f"{self.run_dir} is already finished ({self.run_dir / 'model.pt'} exists): nothing to resume, "
+                     "nothing changed (ppfr train --overwrite trains it again; or train another name=)")  # fmt: skip
+            return {"stages": [], "finished": True}
         found = load_latest(self.run_dir) if resume else None  # first: a refusal must precede every write
         torch.manual_seed(cfg.seed)
         method = build_method(cfg.method, **cfg.method_options).to(self.device)
@@ -225,7 +234,11 @@ class Trainer:
                 method.load_state_dict(ckpt["model"])
                 self.log(f"resuming from {path} (stage {state['stage_idx']}, epoch {state['epoch']}, step {state['step_in_epoch']})")
         if ckpt is None and cfg.init_from:
-            self.init_weights(method, cfg.init_from)
+            try:
+                self.init_weights(method, cfg.init_from)
+            except CheckpointError as exc:  # a missing or unfitting init_from is the config's error
+                msg = str(exc) if "init_from" in str(exc) else f"init_from={cfg.init_from}: {exc}"
+                raise ConfigError(msg) from None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -356,32 +369,102 @@ class Trainer:
             method.train(was)
 
 
+# ------------------------------------------------------------------------------------------------ run folders
+#: What a run writes into its folder; ``--overwrite`` deletes exactly these (nothing else a user put there).
+RUN_FILES: tuple[str, ...] = ("config.yaml", "model.pt", "metrics.csv", "summary.json", "checkpoints", "tb")
+
+
+def run_files(run_dir: Path) -> list[str]:
+    """The run files already in ``run_dir`` (empty: not a run folder, or not there)."""
+    return [n for n in RUN_FILES if (run_dir / n).exists()]
+
+
+def clear_run(run_dir: Path) -> None:
+    import shutil
+
+    for n in run_files(run_dir):
+        path = run_dir / n
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def _fmt_loss(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from ppfr.train.config import ConfigError, load_config
+    from ppfr.train.config import RESUME_SAFE_KEYS, config_help, load_config, load_run_config
 
-    ap = argparse.ArgumentParser(prog="ppfr train", description="train a method from a YAML config")
-    ap.add_argument("config", nargs="?", help="YAML config (configs/*.yaml); omitted: the defaults")
+    ap = argparse.ArgumentParser(
+        prog="ppfr train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="train a method from a YAML config.\n\nA run folder (<out_dir>/<name>) owns its config: --resume "
+                    "continues it with its\nsaved config.yaml; training into a folder that already holds a run needs "
+                    "--resume\nor --overwrite.",
+        epilog="config keys (key=value overrides, dotted; YAML values) and their defaults; * = may be changed on "
+               f"--resume ({', '.join(RESUME_SAFE_KEYS)}):\n" + config_help())  # fmt: skip
+    ap.add_argument("config", nargs="?", help="YAML config (configs/*.yaml), or with --resume a run folder; omitted: "
+                                              "the defaults")  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. optim.lr=0.01")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
-    args = ap.parse_args(argv)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run from its newest checkpoint, with the run folder's saved config.yaml (the "
+                         "overrides may change only the * keys below); a finished run is left as it is")  # fmt: skip
+    ap.add_argument("--overwrite", action="store_true",
+                    help="the run folder already holds a run: delete its files (config.yaml, model.pt, metrics.csv, "
+                         "checkpoints/, tb/) and train from scratch")  # fmt: skip
+    args = ap.parse_intermixed_args(argv)  # options may come between or after the overrides
+    if args.resume and args.overwrite:
+        print("ppfr train: --resume and --overwrite exclude each other", file=sys.stderr)
+        return 2
     try:
-        cfg = load_config(args.config, args.overrides)  # also validates the method options (ConfigError)
+        cfg = _resolve_config(args, load_config, load_run_config)
+        if cfg is None:
+            return 2
         trainer = Trainer(cfg)  # the device (ConfigError: e.g. cuda asked for, none there)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, IsADirectoryError) as exc:
         print(f"ppfr train: {exc}", file=sys.stderr)
         return 2
     try:
         summary = trainer.fit(resume=args.resume)
+    except ConfigError as exc:  # found once building: an unknown stage, a missing data.source or init_from
+        print(f"ppfr train: {exc}", file=sys.stderr)
+        return 2
     except CheckpointError as exc:  # e.g. --resume with no intact checkpoint: one line, not a traceback
         print(f"ppfr train: {exc}", file=sys.stderr)
         return 1
+    if summary.get("finished"):  # fit said so
+        return 0
     for s in summary["stages"]:
-        print(f"stage {s['stage']}: loss {s['loss_first']:.4f} -> {s['loss_last']:.4f}, {s['images_per_s']:.1f} img/s")
+        print(f"stage {s['stage']}: loss {_fmt_loss(s['loss_first'])} -> {_fmt_loss(s['loss_last'])}, "
+              f"{s['images_per_s']:.1f} img/s")  # fmt: skip
     if "before" in summary or "after" in summary:
         print(f"verification: before {summary.get('before')}, after {summary.get('after')}")
     return 0
+
+
+def _resolve_config(args, load_config, load_run_config) -> TrainConfig | None:
+    """The config this command trains with, after the run-folder rules; None when it refused (message printed)."""
+    path = Path(args.config) if args.config else None
+    if path is not None and path.is_dir():  # a run folder
+        if not args.resume:
+            raise ConfigError(f"{path} is a folder: pass a YAML config, or --resume to continue the run in it")
+        if not (path / "config.yaml").is_file():
+            raise ConfigError(f"{path} is not a run folder (no config.yaml) to resume")
+        return load_run_config(path, args.overrides)
+    cfg = load_config(path, args.overrides)  # also validates the method options (ConfigError)
+    if args.resume:
+        if (cfg.run_dir / "config.yaml").is_file():
+            return load_run_config(cfg.run_dir, args.overrides)  # the run's own config, not the command line's
+        return cfg  # nothing saved yet: starts from scratch (fit says so)
+    found = run_files(cfg.run_dir)
+    if found and not args.overwrite:
+        print(f"ppfr train: {cfg.run_dir} already holds a run ({', '.join(found)}); --resume to continue it, "
+              "--overwrite to delete it and start again, or choose another name=", file=sys.stderr)  # fmt: skip
+        return None
+    # Decided before Trainer() (so before torchrun's rendezvous): no rank can see another's fresh files.
+    if found and int(os.environ.get("RANK", "0")) == 0:
+        clear_run(cfg.run_dir)
+    return cfg
 
 
 def register(sub) -> None:
