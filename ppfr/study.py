@@ -233,9 +233,14 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
         (out / "study.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     write_summary(attack_dir)
     seconds = time.perf_counter() - t_study
+    # a resumed study reuses finished steps: the report states the time of all invocations together
+    ledger = out / "elapsed.json"
+    past = json.loads(ledger.read_text()) if ledger.is_file() else {"seconds": 0.0, "invocations": 0}
+    total = {"seconds": past["seconds"] + seconds, "invocations": past["invocations"] + 1}
+    ledger.write_text(json.dumps(total) + "\n")
     log(f"study: done in {seconds / 60:.1f} min")
     if cfg.report:
-        write_report(cfg, rows, Path(cfg.report), seconds, judge_orig)
+        write_report(cfg, rows, Path(cfg.report), seconds, judge_orig, total)
         log(f"study: wrote {cfg.report}")
     return rows
 
@@ -266,7 +271,10 @@ def privacy_ordering(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for i, (_, _, r, link, reid) in enumerate(items, 1):
         inv = ((r.get("attack") or {}).get("kinds", {}).get("inversion")) or {}
-        txt = f"{i}. `{r['method']}`: linkage top-1 {_f(link, '.1f', 100)} %, best re-id {_f(reid, '.1f', 100)} %"
+        chance = (((r.get("attack") or {}).get("kinds", {}).get("linkage") or {}).get("chance") or {}).get("linkage_top1")
+        times = f" ({link / chance:.0f}× chance)" if link is not None and chance else ""
+        txt = (f"{i}. `{r['method']}`: linkage top-1 {_f(link, '.1f', 100)} %{times}, best re-id "
+               f"{_f(reid, '.1f', 100)} %")  # fmt: skip
         if inv.get("ssim") is not None:
             txt += f", closed-form inversion SSIM {inv['ssim']:.3f}"
             if inv.get("key_recovery") is not None:
@@ -280,11 +288,15 @@ def privacy_ordering(rows: list[dict[str, Any]]) -> list[str]:
                         "the face is recovered better than the paper says)")
             else:
                 txt += f"; the paper's recovery SSIM {p['ssim']:.2f} is consistent with what these attacks recover"
+                if link is not None and chance and link >= 5 * chance:
+                    txt += (", but linkage still finds the person far above chance: the pixel metric understates "
+                            "the identity leak")
         lines.append(txt + ".")
     return lines
 
 
-def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, seconds: float, judge_orig) -> None:
+def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, seconds: float, judge_orig,
+                 total: dict[str, Any] | None = None) -> None:  # fmt: skip
     """docs/results.md: the table, the papers' figures, the pictures (copied next to the report), the command."""
     # The pictures show faces of the dataset: they stay with the run (``<out>/pictures``), never next to a report
     # that may be committed, since a dataset's licence need not allow redistributing its images.
@@ -390,7 +402,10 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         "ppfr study " + " ".join(_argv(cfg)),
         "```",
         "",
-        f"Whole run: {seconds / 60:.1f} min on {platform.processor() or platform.machine()} with "
+        (f"Whole run: {total['seconds'] / 60:.1f} min over {total['invocations']} invocations (the last, which "
+         f"reused every finished step, {seconds / 60:.1f} min)" if total and total["invocations"] > 1 else
+         f"Whole run: {seconds / 60:.1f} min")
+        + f" on {platform.processor() or platform.machine()} with "
         f"{torch.get_num_threads()} torch thread(s). Versions: ppfr {ppfr.__version__}, torch {torch.__version__}, "
         f"Python {platform.python_version()}.",
         "",

@@ -58,8 +58,10 @@ class TrainLog:
         print(msg, file=self.stream, flush=True)
 
     def step(self, *, stage: str, epoch: int, step: int, steps: int, global_step: int, lr: float, loss: float,
-             images_per_s: float, eta_s: float | None = None, extra: dict[str, float] | None = None) -> None:  # fmt: skip
-        """Record one logged step: a CSV row, TensorBoard scalars, and the progress display."""
+             images_per_s: float, eta_s: float | None = None, extra: dict[str, float] | None = None,
+             label: str | None = None) -> None:  # fmt: skip
+        """Record one logged step: a CSV row, TensorBoard scalars, and the progress display (``label``, e.g.
+        ``epoch 0 pass 2/3``, replaces ``epoch N`` in the display; the CSV keeps the pass counter ``epoch``)."""
         if not self.enabled:
             return
         self._csv.writerow([stage, epoch, step, global_step, f"{lr:.6g}", f"{loss:.6f}", f"{images_per_s:.1f}"])
@@ -76,13 +78,13 @@ class TrainLog:
         if self.bar:
             width = 24
             done = int(width * (step + 1) / max(steps, 1))
-            line = (f"\r[{stage}] ep {epoch} |{'#' * done}{'.' * (width - done)}| {step + 1}/{steps} "
+            line = (f"\r[{stage}] {label or f'ep {epoch}'} |{'#' * done}{'.' * (width - done)}| {step + 1}/{steps} "
                     f"loss {loss:.4f} lr {lr:.4g} {images_per_s:.1f} img/s{eta}")  # fmt: skip
             self.stream.write(line.ljust(100))
             self.stream.flush()
             self._bar_open = True
         else:
-            print(f"[{stage}] epoch {epoch} step {step + 1}/{steps} lr {lr:.4g} loss {loss:.4f} "
+            print(f"[{stage}] {label or f'epoch {epoch}'} step {step + 1}/{steps} lr {lr:.4g} loss {loss:.4f} "
                   f"{images_per_s:.1f} img/s{eta}", file=self.stream, flush=True)  # fmt: skip
 
     def scalars(self, tag_values: dict[str, float], global_step: int) -> None:

@@ -281,6 +281,10 @@ class Trainer:
         rep = stage_cfg.repeat
         passes = stage_cfg.epochs * rep
         per = f" x {rep} passes" if rep > 1 else ""
+
+        def pass_label(p: int) -> str | None:  # progress lines name the epoch and its pass when r > 1
+            return f"epoch {p // rep} pass {p % rep + 1}/{rep}" if rep > 1 else None
+
         self.log(f"stage {stage_idx} '{stage.name}' ({stage.description}): {stage_cfg.epochs} epoch(s){per} x {steps} "
                  f"steps, {sum(p.numel() for p in method.trainable_parameters()) / 1e6:.2f} M trainable parameters")  # fmt: skip
         first = last = None
@@ -320,12 +324,13 @@ class Trainer:
                         elapsed = time.perf_counter() - t_start
                         tlog.step(stage=stage.name, epoch=epoch, step=step, steps=steps,
                                   global_step=state["global_step"], lr=lr, loss=v, images_per_s=seen / elapsed,
-                                  eta_s=elapsed / done_here * (remaining - done_here))  # fmt: skip
+                                  eta_s=elapsed / done_here * (remaining - done_here), label=pass_label(epoch))  # fmt: skip
                     if state["global_step"] % cfg.checkpoint_every == 0:
                         self.checkpoint(method, head, opt, state, stage_idx, epoch)
                 state["step_in_epoch"] = 0
                 state["epoch"] = epoch + 1
-                tlog.message(f"[{stage.name}] epoch {epoch} done in {time.perf_counter() - t0:.1f} s")
+                tlog.message(f"[{stage.name}] {pass_label(epoch) or f'epoch {epoch}'} done in "
+                             f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
             self.checkpoint(method, head, opt, state, stage_idx, state["epoch"])
         ips = seen / max(time.perf_counter() - t_start, 1e-9)
         self.head = head
