@@ -1,4 +1,5 @@
-"""Process-wide CPU runtime settings for long training and evaluation runs."""
+"""Process-wide runtime helpers for long training, evaluation and serving runs: CPU allocator settings, durable
+renames."""
 
 from __future__ import annotations
 
@@ -37,3 +38,18 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     _done = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _done
+
+
+def fsync_dir(folder: os.PathLike | str) -> None:
+    """Make a rename in ``folder`` durable (POSIX): fsync the directory itself. A no-op where folders cannot be
+    opened or synced (Windows, some file systems) -- the rename is still atomic, only its durability is unknown."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -471,7 +471,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"ppfr study: {exc}", file=sys.stderr)
         return 2
-    run_study(cfg)
+    from ppfr.eval.attacks.common import AttackError
+    from ppfr.models.checkpoints import CheckpointError
+
+    try:
+        run_study(cfg)
+    except (CheckpointError, AttackError) as exc:  # a damaged run folder or bad attack input: say which, no traceback
+        print(f"ppfr study: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from ppfr.runtime import fsync_dir
+
 FORMAT = "ppfr-gallery"
 FORMAT_VERSION = 1
 FILENAME = "gallery.npz"
@@ -306,16 +308,7 @@ def _write_atomic(path: Path, data: bytes | memoryview) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    try:  # make the rename itself durable (POSIX); not possible on every platform/file system
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)  # make the rename itself durable
 
 
 def _read(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:

@@ -26,6 +26,8 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
+from ppfr.runtime import fsync_dir
+
 DIGEST_SUFFIX = ".sha256"
 
 
@@ -75,20 +77,6 @@ def verify_digest(path: str | Path) -> bool:
     return True
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, write: Callable[[BinaryIO], object],
                   before_rename: Callable[[Path], object] | None = None) -> None:  # fmt: skip
     """``write(file)`` to a temporary file in ``path``'s folder, fsync, ``before_rename(temporary path)``, then
@@ -105,7 +93,7 @@ def _write_atomic(path: Path, write: Callable[[BinaryIO], object],
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def save_checkpoint(obj: dict, path: str | Path, digest: bool = True) -> str | None:
