@@ -73,6 +73,9 @@ class Payload:
             b = t.shape[0]
             if _tracing():  # value checks need concrete data; an exported graph's runner checks ranges itself
                 continue
+            # the server refuses non-finite payloads too: a NaN would come back as a NaN embedding, not an error
+            if t.numel() and t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+                raise ValueError(f"{method} payload {name!r} has non-finite values (NaN or Inf)")
             if t.numel() and s.low is not None and float(t.detach().min()) < s.low - 1e-6:
                 raise ValueError(f"{method} payload {name!r} has values below {s.low}")
             if t.numel() and s.high is not None and float(t.detach().max()) > s.high + 1e-6:

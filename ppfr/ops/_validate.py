@@ -39,6 +39,10 @@ def as_index(name: str, idx: IndexLike, device: torch.device) -> torch.Tensor:
             raise TypeError(f"{name} must be an integer tensor, got {idx.dtype}")
         return idx.to(device=device, dtype=torch.int64)
     try:
-        return torch.as_tensor(list(idx), dtype=torch.int64, device=device)
-    except (TypeError, ValueError) as exc:
+        t = torch.as_tensor(list(idx))
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{name} must be None, a sequence of ints or an integer tensor ({exc})") from None
+    # as_tensor(..., dtype=int64) would truncate 0.5 to 0 and accept True as 1: an index must be an integer
+    if t.numel() and t.dtype not in INT_TYPES:
+        raise TypeError(f"{name} must hold integers, got {t.dtype} values (e.g. {t.reshape(-1)[0].item()!r})")
+    return t.to(device=device, dtype=torch.int64)
