@@ -404,11 +404,6 @@ def _generator(seed: int, stream: int, step: int) -> torch.Generator:
 TRAIN_STREAM, NORM_STREAM, EVAL_STREAM = 0, 1, 2
 
 
-@torch.no_grad()
-def _protect(method: Method, images: torch.Tensor, generator: torch.Generator) -> Payload:
-    return method.protect(images, generator=generator)
-
-
 FIXED_KEY_SEED = 20_260_101
 
 
