@@ -35,6 +35,8 @@ TFACE = {
     "optim.momentum": 0.9, "optim.weight_decay": 5e-4, "optim.head_weight_decay": None,
     "optim.lr": 0.1, "optim.lr_decay": 0.1, "optim.lr_steps": (10, 18, 22), "optim.warmup_steps": 0,
     "optim.grad_clip": None, "amp": "none", "seed": 1337, "epochs": 24,
+    # TFace's trainer (§1.2, §1.5): the bn-name weight-decay split, per-GPU BatchNorm, the last partial batch kept
+    "optim.no_decay": "tface", "batchnorm": "per_rank", "data.last_batch": None,
     "method_options.embedding_size": 512, "method_options.image_size": 112, "method_options.width": 64,
 }  # fmt: skip
 
@@ -221,6 +223,7 @@ def _mutations(cfg: TrainConfig, expected: dict) -> list[tuple[str, list[str]]]:
                     "method_options.interface": "random_per_forward", "method_options.rank_space": "paper",
                     "method_options.train_rule": "uniform", "method_options.bits": "8",
                     "method_options.keep_ratio": "0.5", "optim.momentum": "0.95",
+                    "optim.no_decay": "1d", "batchnorm": "global", "data.last_batch": "drop",
                     "method": "arcface_fd" if cfg.method == "arcface" else "arcface"}  # fmt: skip
     out = []
     for key, want in expected.items():

@@ -312,3 +312,57 @@ def test_unknown_stage_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="no stage 'bogus'"):
         Trainer(_cfg(tmp_path, "stages=[{name: bogus}]"), quiet=True).fit()
     assert not (tmp_path / "t_arcface").exists()  # refused before anything was written
+
+
+def test_weight_decay_split_follows_tface_by_default_and_1d_as_an_option(tmp_path):
+    """TFace exempts only parameters whose reference name holds `bn` (METHODS §1.5): MobileFaceNet's BatchNorms (the
+    DuetFace client) but none of an IR net's; ``optim.no_decay=1d`` exempts every 1-D tensor instead."""
+    from ppfr.methods import build_method
+    from ppfr.models.heads import ArcFaceHead
+    from ppfr.train.trainer import build_optimizer
+
+    def split(method_name, *extra):
+        m = build_method(method_name, depth=18, width=4)
+        opt = build_optimizer(m, ArcFaceHead(512, 5), _cfg(tmp_path, *extra, method=method_name))
+        return m, {g["name"]: g for g in opt.param_groups}
+
+    m, groups = split("arcface")
+    assert "nodecay" not in groups  # the IR net's BatchNorms decay, as in the reference
+    assert sum(p.numel() for p in groups["decay"]["params"]) == sum(p.numel() for p in m.parameters())
+    m, groups = split("duetface")
+    client_bn = {id(p) for mod in m.client.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)
+                 for p in mod.parameters()}  # fmt: skip
+    assert client_bn and {id(p) for p in groups["nodecay"]["params"]} == client_bn
+    assert groups["nodecay"]["weight_decay"] == 0 and groups["decay"]["weight_decay"] == 5e-4
+    m, groups = split("arcface", "optim.no_decay=1d")
+    assert {id(p) for p in groups["nodecay"]["params"]} == {id(p) for p in m.parameters() if p.ndim <= 1}
+    with pytest.raises(ConfigError, match="optim.no_decay"):
+        _cfg(tmp_path, "optim.no_decay=bias")
+
+
+def test_batchnorm_is_per_rank_by_default_and_global_as_an_option(tmp_path):
+    from ppfr.methods import build_method
+    from ppfr.train.distributed import DistBatchNorm
+    from ppfr.train.trainer import prepare_batchnorm
+
+    assert _cfg(tmp_path).batchnorm == "per_rank"
+    m = build_method("arcface", depth=18, width=4)
+    assert prepare_batchnorm(m, "per_rank", world=2) == 0 and prepare_batchnorm(m, "global", world=1) == 0
+    assert not any(isinstance(x, DistBatchNorm) for x in m.modules())
+    n = prepare_batchnorm(m, "global", world=2)
+    assert n > 0 and sum(isinstance(x, DistBatchNorm) for x in m.modules()) == n
+    with pytest.raises(ConfigError, match="batchnorm"):
+        _cfg(tmp_path, "batchnorm=sync")
+
+
+def test_training_keeps_the_last_partial_batch_as_the_reference_does(tmp_path, capsys):
+    """drop_last=False (METHODS §1.2): 30 samples in batches of 4 are 8 steps, the last of 2 samples; a one-sample
+    tail (33 samples) is skipped with a message, since BatchNorm cannot train on it."""
+    from ppfr.data.loader import make_loader as build_loader
+
+    cfg = _cfg(tmp_path, "data.num_samples=30")
+    assert len(build_loader(cfg.data)) == 8
+    assert len(build_loader(_cfg(tmp_path, "data.num_samples=30", "data.last_batch=drop").data)) == 7
+    out = Trainer(_cfg(tmp_path / "odd", "data.num_samples=33", "name=odd", "progress=lines"), quiet=False).fit()
+    assert out["stages"][0]["loss_last"] is not None
+    assert "skipped a batch of 1 sample" in capsys.readouterr().out

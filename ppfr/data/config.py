@@ -28,8 +28,9 @@ class DataConfig:
         batch_size: per rank.
         train: shuffle each epoch and flip at random (TFace's only augmentation); False for evaluation.
         shuffle, flip: override what ``train`` implies (None = follow ``train``).
-        last_batch: ``drop`` | ``pad`` | ``partial`` (see :mod:`ppfr.pipelines.sharding`); None = ``drop`` when
-            training, ``partial`` otherwise (``pad`` when sharded over ranks that do not divide the data).
+        last_batch: ``drop`` | ``pad`` | ``partial`` (see :mod:`ppfr.pipelines.sharding`); None = ``partial`` (the
+            reference keeps the last partial batch, ``drop_last=False``; ``pad`` when sharded over ranks that do not
+            divide the data).
         world_size, rank: data-parallel sharding; None reads torch.distributed when initialised, else the
             ``WORLD_SIZE``/``RANK`` environment variables, else a single process.
         num_workers: PyTorch worker processes, or DALI CPU threads.

@@ -78,8 +78,8 @@ def resolve_backend(cfg: DataConfig) -> str:
 def _last_batch(cfg: DataConfig, n: int, world: int) -> str:
     if cfg.last_batch is not None:
         return cfg.last_batch
-    if cfg.train:
-        return "drop"
+    # training as evaluation: TFace's DataLoader keeps the last partial batch (drop_last=False, METHODS §1.2); over
+    # ranks that do not divide the data, every rank's tail is padded (its unsharded sampler pads the permutation)
     return "partial" if n % world == 0 else "pad"
 
 
@@ -309,7 +309,8 @@ def make_loader(cfg: DataConfig, source: Source | None = None) -> Loader:
     flip = cfg.train if cfg.flip is None else cfg.flip
     if backend == "synthetic":
         n = cfg.num_samples
-        plan = ShardPlan(n, cfg.batch_size, world, rank, _last_batch(cfg, n, world))
+        # one fixed full batch repeated (it measures the model, not the data): whole batches only by default
+        plan = ShardPlan(n, cfg.batch_size, world, rank, cfg.last_batch or "drop")
         inner = SyntheticLoader(plan, image_size=cfg.image_size, num_classes=cfg.num_classes, seed=cfg.seed,
                                 device=resolve_device(cfg))  # fmt: skip
         return Loader(inner, backend, None, None, cfg.num_classes)

@@ -36,8 +36,14 @@ class OptimConfig:
     generator_lr_mult: float = 0.5  # MinusFace generator group (paper 0.5; 1.0 = the code's effective behaviour)
     head_weight_decay: Optional[float] = None  # None: same as weight_decay
     grad_clip: Optional[float] = None  # max global grad norm
+    # which backbone parameters get no weight decay: "tface" = TFace's rule (METHODS §1.5: parameters whose reference
+    # name contains `bn`; the reference names only MobileFaceNet's BatchNorms that way, so IR nets decay everything)
+    # or "1d" = every tensor of at most one dimension (norm scales/shifts, biases, PReLU slopes: arcface_torch's rule)
+    no_decay: str = "tface"
 
     def __post_init__(self) -> None:
+        if self.no_decay not in ("tface", "1d"):
+            raise ConfigError(f"optim.no_decay must be tface or 1d, got {self.no_decay!r}")
         for key in ("lr", "lr_decay", "generator_lr_mult"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"optim.{key} must be positive, got {getattr(self, key)}")
@@ -123,6 +129,10 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "none"  # none | bf16 | fp16 (CUDA)
+    # BatchNorm statistics under data parallelism: "per_rank" (each GPU normalises its own slice of the batch, as
+    # TFace's plain BatchNorm does) or "global" (over the global batch of all ranks, a SyncBatchNorm that also runs on
+    # CPU: multi-process training then equals one process on the same global batch). One process: no difference.
+    batchnorm: str = "per_rank"
     threads: Optional[int] = None
     # a model.pt (or trainer checkpoint) whose method weights start this run: how a multi-stage method runs its
     # stages as separate jobs (e.g. MinusFace stage 2 from the stage-1 model), not a resume (optimiser, head and
@@ -137,6 +147,8 @@ class TrainConfig:
             raise ConfigError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.progress not in ("auto", "bar", "lines"):
             raise ConfigError(f"progress must be auto, bar or lines, got {self.progress!r}")
+        if self.batchnorm not in ("per_rank", "global"):
+            raise ConfigError(f"batchnorm must be per_rank or global, got {self.batchnorm!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for key in ("epochs", "checkpoint_every", "keep_last", "log_every"):

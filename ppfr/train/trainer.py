@@ -90,19 +90,46 @@ def load_latest(run_dir: Path) -> tuple[dict, Path] | None:
 
 
 # ------------------------------------------------------------------------------------------------ optimiser
-def _no_decay(name: str, p: nn.Parameter) -> bool:
-    # norms and biases (1-D) get no weight decay; also anything named bn (TFace's rule, §1.5)
-    return p.ndim <= 1 or ".bn" in name or name.startswith("bn")
+def no_decay_params(method: nn.Module, rule: str) -> set[int]:
+    """ids of the parameters that get no weight decay under ``rule`` (``OptimConfig.no_decay``).
+
+    ``tface``: TFace's split (METHODS §1.5) exempts parameters whose *reference* name contains ``bn``. The reference
+    MobileFaceNet keeps its BatchNorms in ``.bn`` attributes, its IR nets keep them in ``Sequential``s named by index;
+    ppfr names both by index, so the rule is applied by what the reference calls them: every BatchNorm parameter
+    inside a MobileFaceNet (DuetFace's and PRO-Face C's clients) is exempt, everything else (IR nets, U-Net, PReLU
+    slopes, biases) decays. ``1d``: every parameter of at most one dimension is exempt."""
+    from ppfr.models.mobilefacenet import ClientMobileFaceNet, MobileFaceNet
+
+    if rule == "1d":
+        return {id(p) for p in method.parameters() if p.ndim <= 1}
+    exempt: set[int] = set()
+    for mod in method.modules():
+        if isinstance(mod, (MobileFaceNet, ClientMobileFaceNet)):
+            for sub in mod.modules():
+                if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                    exempt.update(id(p) for p in sub.parameters())
+    return exempt
+
+
+def prepare_batchnorm(method: nn.Module, mode: str, world: int) -> int:
+    """``TrainConfig.batchnorm``: with ``global`` and several ranks, every BatchNorm becomes a DistBatchNorm (statistics
+    over the global batch, also on CPU); ``per_rank`` (TFace) leaves them per GPU. Returns how many were converted."""
+    if world <= 1 or mode != "global":
+        return 0
+    before = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in method.modules())
+    convert_batchnorm(method)
+    return before
 
 
 def build_optimizer(method: Method, head: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     o = cfg.optim
     groups: dict[str, dict] = {}
+    exempt = no_decay_params(method, o.no_decay)
     for name, p in method.named_parameters():
         if not p.requires_grad:
             continue
         gen = name.startswith("generator.")
-        key = ("gen_" if gen else "") + ("nodecay" if _no_decay(name, p) else "decay")
+        key = ("gen_" if gen else "") + ("nodecay" if id(p) in exempt else "decay")
         g = groups.setdefault(key, {"params": [], "weight_decay": 0.0 if key.endswith("nodecay") else o.weight_decay,
                                     "lr_mult": o.generator_lr_mult if gen else 1.0, "name": key})  # fmt: skip
         g["params"].append(p)
@@ -218,8 +245,7 @@ class Trainer:
         found = load_latest(self.run_dir) if resume else None  # first: a refusal must precede every write
         torch.manual_seed(cfg.seed)
         method = build_method(cfg.method, **cfg.method_options).to(self.device)
-        if self.world > 1:
-            convert_batchnorm(method)  # batch statistics over the global batch, also on CPU
+        prepare_batchnorm(method, cfg.batchnorm, self.world)
         loader = self.make_loader()
         num_classes = loader.num_classes
         stages = self.stage_plan(method)
@@ -303,6 +329,10 @@ class Trainer:
                     if step >= steps:
                         break
                     if step < skip:
+                        continue
+                    if images.shape[0] < 2:  # a last partial batch of one sample: BatchNorm cannot train on it
+                        tlog.message(f"[{stage.name}] step {step}: skipped a batch of {images.shape[0]} sample "
+                                     "(BatchNorm needs two; the reference would fail here)")  # fmt: skip
                         continue
                     lr = lr_at(cfg, epoch // rep, state["global_step"])
                     for g in opt.param_groups:
