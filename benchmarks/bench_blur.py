@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.conftest import device_for, measure, require_ratio, skip_unavailable
+from benchmarks.conftest import backend_of, device_for, measure, require_ratio, skip_unavailable, with_gpu_baselines
 from ppfr.ops import blur
 
 B, C, S = 64, 3, 112
 INPUT_BYTES = B * C * S * S * 4
-PROVIDERS = ["ref", "torch", "cpp", "triton", "cuda"]
+PROVIDERS = with_gpu_baselines(["ref", "torch", "cpp", "triton", "cuda"])
 ROOT = Path(__file__).resolve().parents[1]
 
 # Acceptance: the C++ median must beat the unfold reference by >= 2x at k=19 (and use at most 4x the input's
@@ -45,9 +45,10 @@ def _images(dev: torch.device) -> torch.Tensor:
 
 
 def _median_fn(provider: str, x: torch.Tensor):
-    if provider == "ref":
+    be = backend_of(provider)
+    if be == "ref":
         return lambda: blur.median_blur_ref(x, 19)
-    return lambda: blur.median_blur(x, 19, backend=provider)
+    return lambda: blur.median_blur(x, 19, backend=be)
 
 
 # The child builds the input in place (no temporaries larger than it), warms the op up on a tiny input (so code
@@ -114,15 +115,15 @@ def test_median_k19(benchmark, provider):
         assert peak <= 4 * INPUT_BYTES, f"cpp median used {peak / 2**20:.1f} MiB extra (> 4x the input)"
 
 
-@pytest.mark.parametrize("provider", ["ref", "torch", "cpp"])
+@pytest.mark.parametrize("provider", with_gpu_baselines(["ref", "torch", "cpp"]))
 def test_gaussian_k31(benchmark, provider):
     skip_unavailable(provider)
-    dev = device_for(provider)
+    dev, be = device_for(provider), backend_of(provider)
     x = _images(dev)
-    if provider == "ref":
+    if be == "ref":
         fn = lambda: blur.gaussian_blur_ref(x, 31, 5.0)  # noqa: E731
     else:
-        fn = lambda: blur.gaussian_blur(x, 31, 5.0, backend=provider)  # noqa: E731
+        fn = lambda: blur.gaussian_blur(x, 31, 5.0, backend=be)  # noqa: E731
     measure(benchmark, fn, case="gaussian31", provider=provider, images=B, bytes_written=INPUT_BYTES,
             bytes_read=INPUT_BYTES, dev=dev, rounds=3 if provider == "ref" else 5)  # fmt: skip
 
@@ -133,10 +134,11 @@ def test_hybrid_test_mode(benchmark, provider):
     dev = device_for(provider)
     x = _images(dev)
     params = blur.sample_hybrid_params(B, train=False, generator=torch.Generator().manual_seed(56))
-    if provider == "ref":
+    be = backend_of(provider)
+    if be == "ref":
         fn = lambda: blur.hybrid_blur_ref(x, params)  # noqa: E731
     else:
         fn = lambda: blur.hybrid_blur(x, params.n, median_k=params.median_k, sigma=params.sigma,  # noqa: E731
-                                      pixel_b=params.pixel_b, layout=params.layout, backend=provider).image
+                                      pixel_b=params.pixel_b, layout=params.layout, backend=be).image
     measure(benchmark, fn, case="hybrid_test", provider=provider, images=B, bytes_written=INPUT_BYTES,
             bytes_read=INPUT_BYTES, dev=dev, rounds=2 if provider in ("ref", "torch") else 5)  # fmt: skip

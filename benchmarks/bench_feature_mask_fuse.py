@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.conftest import device_for, measure, skip_unavailable
+from benchmarks.conftest import backend_of, device_for, measure, skip_unavailable, with_gpu_baselines
 from ppfr.ops.feature_mask_fuse import (
     feature_mask_fuse, feature_mask_fuse_ref, feature_mask_fuse_residual, feature_mask_fuse_residual_ref, resize_roi,
 )  # fmt: skip
@@ -25,10 +25,10 @@ def _inputs(dev):
     return hs, zs
 
 
-@pytest.mark.parametrize("provider", ["ref", "torch", "cpp", "triton"])
+@pytest.mark.parametrize("provider", with_gpu_baselines(["ref", "torch", "cpp", "triton"]))
 def test_duet_mask_fuse_fwd_bwd(benchmark, provider):
     skip_unavailable(provider)
-    dev = device_for(provider)
+    dev, be = device_for(provider), backend_of(provider)
     hs, zs = _inputs(dev)
     w = torch.tensor(0.5, device=dev, requires_grad=True)
     roi = (torch.rand(B, 1, 112, 112, generator=torch.Generator().manual_seed(1)) > 0.4).float().to(dev)
@@ -36,10 +36,10 @@ def test_duet_mask_fuse_fwd_bwd(benchmark, provider):
     def fn():
         total = 0
         for h, z in zip(hs, zs):
-            if provider == "ref":
+            if be == "ref":
                 out = feature_mask_fuse_ref(h, z, w, resize_roi(roi, tuple(h.shape[2:])))
             else:
-                out = feature_mask_fuse(h, z, w, roi, backend=provider)
+                out = feature_mask_fuse(h, z, w, roi, backend=be)
             total = total + out.sum()
         total.backward()
 
@@ -48,18 +48,18 @@ def test_duet_mask_fuse_fwd_bwd(benchmark, provider):
             bytes_read=nbytes, dev=dev)  # fmt: skip
 
 
-@pytest.mark.parametrize("provider", ["ref", "cpp", "triton"])
+@pytest.mark.parametrize("provider", with_gpu_baselines(["ref", "cpp", "triton"]))
 def test_residual_fuse_fwd_bwd(benchmark, provider):
     skip_unavailable(provider)
-    dev = device_for(provider)
+    dev, be = device_for(provider), backend_of(provider)
     hs, as_ = _inputs(dev)
     keys = [torch.ones(h.shape[1:], device=dev, requires_grad=True) for h in hs]
 
     def fn():
         total = 0
         for h, a, k in zip(hs, as_, keys):
-            f = feature_mask_fuse_residual_ref if provider == "ref" else (
-                lambda x, y, q: feature_mask_fuse_residual(x, y, q, backend=provider))
+            f = feature_mask_fuse_residual_ref if be == "ref" else (
+                lambda x, y, q: feature_mask_fuse_residual(x, y, q, backend=be))
             total = total + f(h, a, k).sum()
         total.backward()
 

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.conftest import device_for, measure, require_ratio, skip_unavailable
+from benchmarks.conftest import backend_of, device_for, measure, require_ratio, skip_unavailable, with_gpu_baselines
 from ppfr.ops.roi_mask import face_like_landmarks, roi_mask, roi_mask_ref
 
 B, P, H, W = 64, 98, 112, 112
-PROVIDERS = ["scipy_ref", "ref", "torch", "cpp", "triton"]
+PROVIDERS = with_gpu_baselines(["scipy_ref", "ref", "torch", "cpp", "triton"])
 
 # Acceptance: the C++ kernel at least 20x the per-image scipy loop it replaces.
 require_ratio("cpp roi_mask vs per-image scipy", "roi98", "cpp", "roi98", "scipy_ref", 20.0)
@@ -50,14 +50,14 @@ def test_roi_mask(benchmark, provider):
     skip_unavailable(provider)
     if provider == "scipy_ref":
         pytest.importorskip("scipy")
-    dev = device_for(provider)
+    dev, be = device_for(provider), backend_of(provider)
     lm = _landmarks(dev)
     if provider == "scipy_ref":
         fn = lambda: _scipy_loop(lm)  # noqa: E731
-    elif provider == "ref":
+    elif be == "ref":
         fn = lambda: roi_mask_ref(lm, (H, W)).float()  # noqa: E731
     else:
-        fn = lambda: roi_mask(lm, (H, W), backend=provider)  # noqa: E731
+        fn = lambda: roi_mask(lm, (H, W), backend=be)  # noqa: E731
     check = roi_mask(lm.cpu(), (H, W), backend="cpp" if provider != "cpp" else "torch")
     assert torch.equal(fn().cpu(), check), f"{provider} output differs from the reference mask"
     measure(benchmark, fn, case="roi98", provider=provider, images=B, bytes_written=B * H * W * 4,

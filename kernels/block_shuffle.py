@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ppfr.kernels._common import chunk as _chunk
+from ppfr.kernels._common import launch_device
 from ppfr.kernels._common import tile as _tile
 from ppfr.kernels._common import tile_offsets
 
@@ -89,7 +90,7 @@ def block_shuffle_triton(x, out, perm, bh: int, bw: int) -> None:
     th, tw = _tile(h, w)
     nbw = triton.cdiv(w, bw)
     grid = (b * c, triton.cdiv(h, th) * triton.cdiv(w, tw))
-    with torch.device(x.device):
+    with launch_device("block_channel_shuffle", x, out, perm):
         _block_shuffle_fwd_kernel[grid](x, out, perm, c, h, w, bh, bw, nbw, BLOCK_H=th, BLOCK_W=tw)
 
 
@@ -98,7 +99,7 @@ def quantize_triton(x, wire, inv_scales, bits: int) -> None:
     b, c, h, w = x.shape
     n, nbytes = h * w, wire.shape[2]
     blk = _chunk(nbytes)
-    with torch.device(x.device):
+    with launch_device("quantize", x, wire, inv_scales):
         _quantize_fwd_kernel[(b * c, triton.cdiv(nbytes, blk))](
             x, wire, inv_scales, n, nbytes, 127.0 if bits == 8 else 7.0, BITS=bits, BLOCK=blk
         )
@@ -109,7 +110,7 @@ def dequantize_triton(wire, scales, out, bits: int) -> None:
     b, c, h, w = out.shape
     n = h * w
     blk = _chunk(n)
-    with torch.device(out.device):
+    with launch_device("dequantize", wire, scales, out):
         _dequantize_fwd_kernel[(b * c, triton.cdiv(n, blk))](wire, scales, out, n, wire.shape[2], BITS=bits, BLOCK=blk)
 
 

@@ -79,10 +79,10 @@ def median_keys(x: torch.Tensor, k: int) -> torch.Tensor:
 def median_blur_triton(x: torch.Tensor, out: torch.Tensor, k: int) -> None:
     """x (B, C, H, W) contiguous float32 -> out (same shape) = k x k zero-padded median (k odd)."""
     b, c, h, w = x.shape
-    keys = median_keys(x, k)
-    bh, bw = _tile(h, w)
-    grid = (b * c, triton.cdiv(h, bh) * triton.cdiv(w, bw))
-    with torch.device(x.device):
+    with _common.launch_device("median_blur", x, out):
+        keys = median_keys(x, k)
+        bh, bw = _tile(h, w)
+        grid = (b * c, triton.cdiv(h, bh) * triton.cdiv(w, bw))
         _median_blur_fwd_kernel[grid](keys, out, h, w, k, BLOCK_H=bh, BLOCK_W=bw)
 
 

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 # On a GPU a 16 x 64 tile keeps the float64 temporaries in registers (kernels/_common.py: the launch policy).
-from ppfr.kernels._common import tile as _tile  # noqa: E402
+from ppfr.kernels._common import launch_device
+from ppfr.kernels._common import tile as _tile
 
 
 @triton.jit
@@ -88,7 +89,7 @@ def roi_mask_triton(edges: torch.Tensor, bbox: torch.Tensor, out: torch.Tensor, 
         return
     bh, bw = _tile(h, w)
     grid = (b * triton.cdiv(h, bh) * triton.cdiv(w, bw),)
-    with torch.device(out.device):
+    with launch_device("roi_mask", edges, bbox, out, flags):
         _roi_mask_fwd_kernel[grid](edges, bbox, out, flags, e, h, w, BLOCK_H=bh, BLOCK_W=bw)
 
 

@@ -35,3 +35,25 @@ def cpu_module() -> ModuleType | None:
 
 def cuda_module() -> ModuleType | None:
     return load("_C_cuda")[0]
+
+
+def cuda_stream_and_device(op: str, *tensors) -> tuple[int, int]:
+    """``(stream, device)`` to pass as the last two arguments of a ``ppfr._C_cuda`` launch.
+
+    ``device`` is the index of the CUDA device holding ``tensors`` and ``stream`` the raw handle of torch's current
+    stream on that device, so the kernel runs where the data is and is ordered with the torch work around it (the
+    module makes that device current for the launch and restores the previous one).
+
+    Raises:
+        ValueError: a tensor is not a CUDA tensor, or the tensors are on different devices (names ``op``).
+    """
+    import torch
+
+    devs = {t.device for t in tensors if t is not None}
+    if not devs or any(d.type != "cuda" for d in devs):
+        raise ValueError(f"{op}: the cuda backend needs CUDA tensors, got {sorted(str(d) for d in devs)}")
+    if len(devs) > 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {', '.join(sorted(str(d) for d in devs))}")
+    dev = devs.pop()
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return torch.cuda.current_stream(index).cuda_stream, index

@@ -55,6 +55,7 @@ def collect() -> dict:
         "threads": torch.get_num_threads(),
         "env": {k: os.environ.get(k) for k in ("PPFR_BACKEND", "TRITON_INTERPRET", "OMP_NUM_THREADS")},
         "extensions": {},
+        "gpu_backends": _backend.gpu_status(),
         "ops": {},
     }
     for name in ("_C", "_C_cuda"):
@@ -75,6 +76,11 @@ def collect() -> dict:
                 except Exception as exc:  # report, never crash: this is a diagnostic tool
                     rows[f"{be}@{dev_name}"] = f"error: {type(exc).__name__}: {exc}"
             rows[f"auto@{dev_name}"] = _backend.resolve(op, "auto", dev, backends)
+        if "cuda" not in devices:  # say why auto cannot pick this op's GPU backends here
+            why = {be: _backend.gpu_unavailable_reason(be) for be in backends if be in _backend.GPU_BACKENDS}
+            if why:
+                texts = sorted({r for r in why.values() if r})
+                rows["auto@cuda"] = f"no GPU backend ({', '.join(why)}): {'; '.join(texts)}"
         report["ops"][op] = rows
     try:
         importlib.import_module("nvidia.dali")
@@ -99,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"threads: {rep['threads']}  env: {rep['env']}  DALI: {rep['dali']}")
     for name, status in rep["extensions"].items():
         print(f"{name}: {status}")
+    for be, status in rep["gpu_backends"].items():
+        print(f"backend {be}: {status}")
     for op, rows in rep["ops"].items():
         print(f"\n{op}")
         for key, status in rows.items():

@@ -52,8 +52,17 @@ class Payload:
     def to(self, device: torch.device | str) -> Payload:
         return Payload(self.method, {k: v.to(device) for k, v in self.tensors.items()}, self.schema_version)
 
-    def validate(self, method: str, spec: dict[str, TensorSpec]) -> None:
-        """Raise ValueError naming what is wrong if this payload is not ``method``'s payload."""
+    def validate(self, method: str, spec: dict[str, TensorSpec], check_values: bool | None = None) -> None:
+        """Raise ValueError naming what is wrong if this payload is not ``method``'s payload.
+
+        Structure (method, schema version, names, per-sample shape, dtype, batch size) is metadata and always
+        checked. Values (finite, inside the spec's [low, high]) must be read on the host, which for a device
+        tensor waits for every queued kernel; ``check_values=None`` (the default) therefore checks them only
+        when every tensor is on the CPU and no trace is running. Payloads that arrive from outside are checked
+        where they enter, on the host: ``ppfr serve`` refuses non-finite and out-of-range payloads before they
+        reach a device, and refuses non-finite embeddings on the way out. On a device an unchecked NaN gives
+        a NaN embedding, not an error; pass ``check_values=True`` to check anyway (it synchronises).
+        """
         if not isinstance(self, Payload):
             raise TypeError(f"{method} expects a Payload, got {type(self).__name__}")
         if self.method != method:
@@ -71,8 +80,14 @@ class Payload:
             if b is not None and t.shape[0] != b:
                 raise ValueError(f"{method} payload tensors disagree on the batch size")
             b = t.shape[0]
-            if _tracing():  # value checks need concrete data; an exported graph's runner checks ranges itself
-                continue
+        if _tracing():  # value checks need concrete data; an exported graph's runner checks ranges itself
+            return
+        if check_values is None:
+            check_values = all(t.device.type == "cpu" for t in self.tensors.values())
+        if not check_values:
+            return
+        for name, s in spec.items():
+            t = self.tensors[name]
             # the server refuses non-finite payloads too: a NaN would come back as a NaN embedding, not an error
             if t.numel() and t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
                 raise ValueError(f"{method} payload {name!r} has non-finite values (NaN or Inf)")
@@ -150,9 +165,24 @@ class Method(nn.Module):
     # ---- client / server -----------------------------------------------------------------------------
     def protect(self, images: torch.Tensor, labels: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> Payload:  # fmt: skip
+        """The client side: (B, 3, H, W) RGB in [-1, 1] -> this method's Payload, on ``images``' device.
+
+        Never waits for the device (no value read back to the host; DuetFace's ``roi="pfld"`` is the one
+        exception, see its module): random secrets are drawn on ``generator``'s device when one is given (a CPU
+        generator gives the same draws on every device, copied over non-blocking), else on ``images``' device
+        from its global RNG. Random parameters that fix shapes (PRO-Face C's blur grid and kernel sizes) are
+        host draws and never touch the device.
+        """
         raise NotImplementedError
 
     def recognize(self, payload: Payload) -> torch.Tensor:
+        """The server side: this method's Payload -> (B, D) embeddings.
+
+        Validation policy (:meth:`check_payload`): the payload's structure is always checked (Python-level
+        metadata, no host sync); its values (finite, in range) are refused with a ValueError on CPU tensors and
+        not read on a GPU, where reading them would stall the stream -- ``ppfr serve`` checks them on the host
+        before the batch is moved to the device.
+        """
         raise NotImplementedError
 
     def payload_operator(self) -> FreqPayloadOperator | None:
@@ -172,6 +202,8 @@ class Method(nn.Module):
             raise TypeError(f"{self.name}.protect expects floating images, got {images.dtype}")
 
     def check_payload(self, payload: Payload) -> None:
+        """Refuse anything but this method's Payload (see :meth:`Payload.validate`: the structure always; the
+        values -- finite, in range -- on CPU tensors only, so ``recognize`` on a GPU never waits for the host)."""
         if not isinstance(payload, Payload):
             raise TypeError(f"{self.name}.recognize accepts only a {self.name} Payload, got {type(payload).__name__}")
         payload.validate(self.name, self.payload_spec)

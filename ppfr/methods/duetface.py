@@ -16,6 +16,12 @@ every forward. The ROI (``roi``):
   PFLD detector finds in each image. It needs ``landmark_ckpt`` (no official weights exist, TFace #88): an untrained
   detector would give every image the same tiny corner ROI and a near-zero interactive mask, so it is refused.
 * ``"none"``: no ROI (the mask is the normalised client mean alone).
+
+Host syncs: with ``roi="template"`` or ``"none"``, ``protect`` and ``recognize`` never wait for the device (the
+template mask is made on the host once per size and device). ``roi="pfld"`` runs the exact hull of
+:func:`ppfr.ops.roi_mask.roi_mask` per batch on the device, whose torch / triton forms still read a few flags back
+(about 20 per call in the torch form: the exact-arithmetic fallback runs only on the undecided points, which it
+must count first).
 """
 
 from __future__ import annotations
@@ -74,7 +80,8 @@ def template_landmarks(size: int = 112) -> np.ndarray:
 def _template_roi_cached(height: int, width: int, device: torch.device) -> torch.Tensor:
     pts = template_landmarks(112) * np.array([width / 112.0, height / 112.0])
     with torch.inference_mode(False):  # a normal tensor even when first asked for under inference_mode
-        return roi_mask(torch.from_numpy(pts)[None].to(device), (height, width))  # (1, 1, H, W) float32
+        # made on the host (roi_mask's exact hull reads its data) and copied to the device once
+        return roi_mask(torch.from_numpy(pts)[None], (height, width)).to(device)  # (1, 1, H, W) float32
 
 
 def template_roi(height: int = 112, width: int = 112, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -119,7 +126,8 @@ class Interface(nn.Module):
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         a = F.interpolate(a, size=(self.size, self.size), mode="bilinear", align_corners=False)
         if self.random_per_forward:  # the reference builds a fresh, untrained conv inside every forward
-            fresh = nn.Conv2d(self.cin, self.cout, 1).to(a.device, a.dtype)
+            # initialised on a's device: a CPU init + copy would make every forward wait for the stream
+            fresh = nn.Conv2d(self.cin, self.cout, 1, device=a.device, dtype=a.dtype)
             return fresh(a)
         return self.conv(a)
 

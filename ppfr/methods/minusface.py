@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ppfr.methods.base import Method, MethodOptions, Payload, Stage, TensorSpec, register_method
 from ppfr.models.ir import IRNet
 from ppfr.models.unet import UNet
+from ppfr.ops._validate import draw_device, to_device
 from ppfr.ops.freq import freq_decode, freq_encode
 
 
@@ -75,8 +76,13 @@ class MinusFace(Method):
 
     @staticmethod
     def shuffle_perms(batch: int, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
-        """(B, 192) independent random permutations, all at once (argsort of uniform noise)."""
-        return torch.argsort(torch.rand(batch, 192, generator=generator), dim=1).to(device)
+        """(B, 192) int64 independent random permutations on ``device``, all at once (argsort of uniform noise).
+
+        Drawn on ``generator``'s device (a CPU generator gives the same permutations on every device; the copy
+        is non-blocking), else on ``device`` from its global RNG: no host sync either way.
+        """
+        where = draw_device(generator, device)
+        return to_device(torch.argsort(torch.rand(batch, 192, generator=generator, device=where), dim=1), device)
 
     def protect(self, images, labels=None, generator=None) -> Payload:
         """-> image X_p (B, 3, H, W) in [0, 1]: the decoded, channel-shuffled residue."""

@@ -60,15 +60,18 @@ class PartialFace(Method):
         self.payload_spec = {"dct": TensorSpec((k, sz, sz), torch.float32)}
 
     def sample(self, images: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator | None):
+        """One rank per image, sampled on ``images``' device (no host sync; see :func:`sample_ranks`)."""
+        dev = images.device
         if self.training and labels is not None:
-            return sample_ranks(labels, space=self.space, rule=self.options.train_rule, generator=generator)
-        return sample_ranks(batch=images.shape[0], space=self.space, rule="uniform", generator=generator)
+            return sample_ranks(labels, space=self.space, rule=self.options.train_rule, generator=generator,
+                                device=dev)  # fmt: skip
+        return sample_ranks(batch=images.shape[0], space=self.space, rule="uniform", generator=generator, device=dev)
 
     def protect(self, images, labels=None, generator=None) -> Payload:
         """(B, 3, 112, 112) -> one rank per image: (B, 27, 112, 112) raw DCT, encoded in one pass."""
         self.check_images(images)
         ranks = self.sample(images, labels, generator)
-        return Payload(self.name, {"dct": freq_encode(images.float(), ranks.channels.to(images.device))})
+        return Payload(self.name, {"dct": freq_encode(images.float(), ranks.channels)})
 
     def payload_operator(self) -> FreqPayloadOperator:
         """Every rank of the space: m * n channel lists (subset i in permutation j -> row i * n + j, ``SiPj``)."""

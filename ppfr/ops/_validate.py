@@ -46,3 +46,46 @@ def as_index(name: str, idx: IndexLike, device: torch.device) -> torch.Tensor:
     if t.numel() and t.dtype not in INT_TYPES:
         raise TypeError(f"{name} must hold integers, got {t.dtype} values (e.g. {t.reshape(-1)[0].item()!r})")
     return t.to(device=device, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host-sync policy. Reading a device tensor's values on the host (``.item()``, ``bool(t)``, ``int(t.max())``,
+# ``nonzero``, a blocking ``.to("cpu")`` or ``.to(device)``) makes the CPU wait for every queued kernel. The ops
+# and methods therefore check *values* only where they already live on the host (Python lists, CPU tensors);
+# on a device the same rule becomes a device-side assert (``torch._assert_async``: no wait, the error surfaces
+# at the next synchronising call) or is checked once where the data is made (method construction).
+# ----------------------------------------------------------------------------------------------------------
+def on_host(t: torch.Tensor) -> bool:
+    """True if ``t``'s values can be read without waiting for a device (a CPU tensor)."""
+    return t.device.type == "cpu"
+
+
+def require(ok: torch.Tensor, message: str, exc: type[Exception] = ValueError) -> None:
+    """Refuse values for which the 0-d bool ``ok`` is False, without a host sync.
+
+    CPU: raise ``exc(message)`` now. Other devices: ``torch._assert_async`` (the check runs on the device; a
+    failure raises at the next synchronisation -- on CUDA as a device-side assert). Skipped while tracing.
+    """
+    if compiling():
+        return
+    if on_host(ok):
+        if not bool(ok):
+            raise exc(message)
+    else:
+        torch._assert_async(ok, message)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a host-to-device copy is issued non-blocking (a blocking one waits for the stream).
+
+    Safe for a pageable CPU source: CUDA stages it before returning, so the source may be freed at once.
+    """
+    if t.device == device:
+        return t
+    return t.to(device, non_blocking=on_host(t) and device.type != "cpu")
+
+
+def draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    """Where a random draw for tensors on ``device`` happens: on ``generator``'s device if one is given (a CPU
+    generator gives the same draws on every device), else on ``device`` itself (its global RNG: no copy)."""
+    return generator.device if generator is not None else device

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ppfr import _backend, _ext
-from ppfr.ops._validate import check_planes, compiling
+from ppfr.ops._validate import check_planes, compiling, require, to_device
 
 DEFAULT_BITS = 8
 DEFAULT_KEEP_RATIO = 1.0
@@ -62,10 +62,11 @@ def _check_perm(perm: torch.Tensor, c: int, n_blocks: int, device: torch.device)
     if not isinstance(perm, torch.Tensor) or perm.dim() != 2 or perm.shape != (n_blocks, c):
         shape = tuple(perm.shape) if isinstance(perm, torch.Tensor) else type(perm).__name__
         raise ValueError(f"perm must be (n_blocks={n_blocks}, C={c}), got {shape}")
-    perm = perm.to(device=device, dtype=torch.int64).contiguous()
-    if not compiling() and not bool((perm.sort(dim=1).values == torch.arange(c, device=device)).all()):
-        raise ValueError("every row of perm must be a permutation of range(C)")
-    return perm
+    perm = perm.to(dtype=torch.int64)
+    if not compiling():  # a CPU perm: a ValueError now; a device perm: a device-side assert (no host sync)
+        ok = (perm.sort(dim=1).values == torch.arange(c, device=perm.device)).all()
+        require(ok, "every row of perm must be a permutation of range(C)")
+    return to_device(perm, device).contiguous()
 
 
 def _block_ids(h: int, w: int, bh: int, bw: int, device: torch.device) -> torch.Tensor:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ppfr import _backend, _ext
-from ppfr.ops._validate import check_planes
+from ppfr.ops._validate import check_planes, to_device
 
 MEDIAN_BACKENDS = ("ref", "torch", "cpp", "triton", "cuda")
 GAUSSIAN_BACKENDS = ("ref", "torch", "cpp")
@@ -144,7 +144,7 @@ def _median_launch(backend: str, x: torch.Tensor, k: int, mask: Optional[torch.T
         m = mask.contiguous() if mask is not None else None
         _ext.cuda_module().median_blur(
             xc.data_ptr(), out.data_ptr(), b, c, h, w, k, 0 if m is None else m.data_ptr(),
-            torch.cuda.current_stream(x.device).cuda_stream,
+            *_ext.cuda_stream_and_device("median_blur", xc, out, m),
         )  # fmt: skip
         return out
     from ppfr.kernels.blur import median_blur_triton
@@ -636,7 +636,7 @@ def _hybrid_fast(x: torch.Tensor, layout: torch.Tensor, n: int, k: int, sigma: f
     r, p, side2 = _grid_geometry(side, n)
     dt = _compute_dtype(x.dtype)
     xs = _resize_bilinear(x.to(dt), (side2, side2))
-    kinds = _kinds_from_layout(layout, n).to(x.device)  # (L, n)
+    kinds = to_device(_kinds_from_layout(layout, n), x.device)  # (L, n): host layout -> device, non-blocking
     # Per-pixel blur map (L, side2, side2): patch kind repeated over its p x p pixels.
     kind_map = kinds.view(-1, r, r).repeat_interleave(p, dim=1).repeat_interleave(p, dim=2)
     med_mask = (kind_map == KIND_MEDIAN).to(torch.uint8).expand(b, side2, side2).contiguous()

@@ -207,7 +207,7 @@ def feature_mask_fuse(
         if roi.shape[0] != h.shape[0]:
             raise ValueError(f"roi batch {roi.shape[0]} != h batch {h.shape[0]}")
         roi = resize_roi(roi.to(h.dtype), tuple(h.shape[2:])).detach()
-    be = _backend.resolve("feature_mask_fuse", backend, h.device, MASK_FUSE_BACKENDS)
+    be = _backend.resolve("feature_mask_fuse", backend, h.device, MASK_FUSE_BACKENDS, dtype=h.dtype)
     if be in ("ref", "torch"):  # plain autograd through the formula is PyTorch's fastest form of it
         out = feature_mask_fuse_ref(h, z, weight, roi, eps)
         return (out, duet_mask_ref(z, roi, eps).detach()) if return_mask else out
@@ -297,7 +297,7 @@ def feature_mask_fuse_residual(h: torch.Tensor, a: torch.Tensor, key: torch.Tens
         raise ValueError(f"a must match h {tuple(h.shape)}, got {tuple(a.shape)}")
     if not isinstance(key, torch.Tensor) or tuple(key.shape) != tuple(h.shape[1:]):
         raise ValueError(f"key must be (C, H, W) = {tuple(h.shape[1:])}")
-    be = _backend.resolve("feature_mask_fuse_residual", backend, h.device, MASK_FUSE_BACKENDS)
+    be = _backend.resolve("feature_mask_fuse_residual", backend, h.device, MASK_FUSE_BACKENDS, dtype=h.dtype)
     if be in ("ref", "torch"):
         return feature_mask_fuse_residual_ref(h, a, key)
     return _residual_op(h, a, key, be)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ppfr import _backend, _ext
 from ppfr.ops import _freq_tables as T
-from ppfr.ops._validate import FLOAT_TYPES, as_index, check_planes, compiling
+from ppfr.ops._validate import FLOAT_TYPES, as_index, check_planes, compiling, on_host, require, to_device
 
 NUM_CHANNELS = 192
 ChannelsLike = Union[None, torch.Tensor, Sequence[int]]
@@ -42,10 +42,16 @@ HFLIP_BACKENDS = ("torch", "cpp", "triton")
 # Input validation (the API boundary): wrong shapes and dtypes are rejected here with messages that say what.
 # ----------------------------------------------------------------------------------------------------------
 def normalize_channels(channels: ChannelsLike, batch: int, device: torch.device) -> Optional[torch.Tensor]:
-    """Validate a channel selection; returns None (all 192), a (K,) or a (B, K) int64 tensor."""
+    """Validate a channel selection; returns None (all 192), a (K,) or a (B, K) int64 tensor on ``device``.
+
+    Index values are range-checked on the host when they come as a list or a CPU tensor (a ValueError now);
+    an index tensor already on a device is checked there by a device-side assert (no host sync; the error
+    surfaces at the next synchronisation). The methods' own channel tables are fixed at construction.
+    """
     if channels is None:
         return None
-    ch = as_index("channels", channels, device)
+    host = not isinstance(channels, torch.Tensor) or on_host(channels)
+    ch = as_index("channels", channels, torch.device("cpu") if host else device)
     if ch.dim() == 2:
         if ch.shape[0] != batch:
             raise ValueError(f"per-sample channels must be (B={batch}, K), got {tuple(ch.shape)}")
@@ -53,15 +59,18 @@ def normalize_channels(channels: ChannelsLike, batch: int, device: torch.device)
         raise ValueError(f"channels must be 1-D (K,) or 2-D (B, K), got shape {tuple(ch.shape)}")
     if ch.shape[-1] < 1:
         raise ValueError("channels must select at least one channel")
-    if not compiling() and ch.numel() and (int(ch.min()) < 0 or int(ch.max()) >= NUM_CHANNELS):
-        raise ValueError(f"channels must lie in [0, {NUM_CHANNELS}), got [{int(ch.min())}, {int(ch.max())}]")
-    return ch.contiguous()
+    if ch.numel() and not compiling():
+        if on_host(ch):
+            if int(ch.min()) < 0 or int(ch.max()) >= NUM_CHANNELS:
+                raise ValueError(f"channels must lie in [0, {NUM_CHANNELS}), got [{int(ch.min())}, {int(ch.max())}]")
+        else:
+            require(((ch >= 0) & (ch < NUM_CHANNELS)).all(), f"channels must lie in [0, {NUM_CHANNELS})")
+    return to_device(ch, device).contiguous()
 
 
 def _check_unique_rows(name: str, idx: torch.Tensor) -> None:
     s = idx.reshape(-1, idx.shape[-1]).sort(dim=-1).values
-    if (s[:, 1:] == s[:, :-1]).any():
-        raise ValueError(f"{name} must not repeat a channel within a sample")
+    require((s[:, 1:] != s[:, :-1]).all(), f"{name} must not repeat a channel within a sample")
 
 
 def _decode_source_map(
@@ -238,7 +247,7 @@ def _launch_encode(backend: str, x: torch.Tensor, channels: Optional[torch.Tenso
         _ext.cuda_module().freq_encode(
             xc.data_ptr(), out.data_ptr(), b, h, w, ch.shape[1], ch.data_ptr(),
             tr["enc_idx"].data_ptr(), tr["enc_w"].data_ptr(), tc["enc_idx"].data_ptr(), tc["enc_w"].data_ptr(),
-            aff.data_ptr(), torch.cuda.current_stream(x.device).cuda_stream,
+            aff.data_ptr(), *_ext.cuda_stream_and_device("freq_encode", xc, out, ch),
         )  # fmt: skip
     else:
         from ppfr.kernels.freq import freq_encode_triton
@@ -264,7 +273,7 @@ def _launch_decode(backend: str, f: torch.Tensor, src: torch.Tensor) -> torch.Te
         _ext.cuda_module().freq_decode(
             fc.data_ptr(), out.data_ptr(), b, h, w, k, src.data_ptr(),
             tr["dec_idx"].data_ptr(), tr["dec_w"].data_ptr(), tc["dec_idx"].data_ptr(), tc["dec_w"].data_ptr(),
-            aff.data_ptr(), torch.cuda.current_stream(f.device).cuda_stream,
+            aff.data_ptr(), *_ext.cuda_stream_and_device("freq_decode", fc, out, src),
         )  # fmt: skip
     else:
         from ppfr.kernels.freq import freq_decode_triton
@@ -408,7 +417,7 @@ def freq_encode(x: torch.Tensor, channels: ChannelsLike = None, *, backend: str 
     """
     check_planes("x", x, 3)
     ch = normalize_channels(channels, x.shape[0], x.device)
-    be = _backend.resolve("freq_encode", backend, x.device, ENCODE_BACKENDS)
+    be = _backend.resolve("freq_encode", backend, x.device, ENCODE_BACKENDS, dtype=x.dtype)
     return _freq_encode_op(x, ch, be)
 
 
@@ -427,13 +436,14 @@ def _check_decode_args(
             _check_unique_rows("channels", ch)
     pm = None
     if perm is not None:
-        pm = as_index("perm", perm, f.device)
+        host = not isinstance(perm, torch.Tensor) or on_host(perm)
+        pm = as_index("perm", perm, torch.device("cpu") if host else f.device)
         if pm.shape[-1] != NUM_CHANNELS or pm.dim() not in (1, 2) or (pm.dim() == 2 and pm.shape[0] != b):
             raise ValueError(f"perm must be (192,) or (B={b}, 192), got {tuple(pm.shape)}")
-        if not compiling():
-            ok = (pm.sort(dim=-1).values == torch.arange(NUM_CHANNELS, device=f.device)).all()
-            if not bool(ok):
-                raise ValueError("perm must be a permutation of 0..191 in every row")
+        if not compiling():  # a CPU perm is checked right here, a device one on the device (no host sync)
+            ok = (pm.sort(dim=-1).values == torch.arange(NUM_CHANNELS, device=pm.device)).all()
+            require(ok, "perm must be a permutation of 0..191 in every row")
+        pm = to_device(pm, f.device)
     return ch, pm
 
 
@@ -457,7 +467,7 @@ def freq_decode(
         approximately (RMSE ~1e-4 on smooth images, METHODS §2.3).
     """
     ch, pm = _check_decode_args(f, channels, perm)
-    be = _backend.resolve("freq_decode", backend, f.device, DECODE_BACKENDS)
+    be = _backend.resolve("freq_decode", backend, f.device, DECODE_BACKENDS, dtype=f.dtype)
     src = _decode_source_map(f.shape[1], f.shape[0], ch, pm, f.device)
     return _freq_decode_op(f, src, be).clamp(0.0, 1.0)
 
@@ -477,7 +487,7 @@ def freq_hflip(f: torch.Tensor, channels: ChannelsLike = None, *, backend: str =
         raise ValueError(f"f has {f.shape[1]} channels; pass `channels` or all 192")
     if ch is not None and ch.shape[-1] != f.shape[1]:
         raise ValueError(f"channels selects {ch.shape[-1]} channels but f has {f.shape[1]}")
-    be = _backend.resolve("freq_hflip", backend, f.device, HFLIP_BACKENDS)
+    be = _backend.resolve("freq_hflip", backend, f.device, HFLIP_BACKENDS, dtype=f.dtype)
     return _freq_hflip_op(f, ch, be)
 
 

@@ -60,7 +60,7 @@ from typing import Optional, Union
 import torch
 
 from ppfr import _backend, _ext
-from ppfr.ops._validate import FLOAT_TYPES, compiling
+from ppfr.ops._validate import FLOAT_TYPES, compiling, require
 
 ROI_MASK_BACKENDS = ("ref", "torch", "cpp", "triton")
 SizeLike = Union[int, Sequence[int]]
@@ -122,10 +122,10 @@ def check_landmarks(landmarks: torch.Tensor) -> None:
         raise ValueError("landmarks must hold at least one point per sample (P >= 1)")
     if compiling() or landmarks.numel() == 0:
         return
-    if not bool(torch.isfinite(landmarks).all()):
-        raise ValueError("landmarks must be finite (found NaN or inf)")
-    if float(landmarks.detach().abs().max()) > MAX_ABS:
-        raise ValueError(f"landmark coordinates must satisfy |v| <= 2**100 (~{MAX_ABS:.3g}) pixels")
+    # CPU landmarks: a ValueError now; device landmarks: a device-side assert (no host sync here)
+    lm = landmarks.detach()
+    require(torch.isfinite(lm).all(), "landmarks must be finite (found NaN or inf)")
+    require(lm.abs().amax() <= MAX_ABS, f"landmark coordinates must satisfy |v| <= 2**100 (~{MAX_ABS:.3g}) pixels")
 
 
 def _check_dtype(dtype: torch.dtype) -> None:

@@ -23,13 +23,14 @@ No native kernel: the output is B x 27 integers drawn from a torch.Generator; th
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
 import torch
 
 from ppfr import _backend
-from ppfr.ops._validate import INT_TYPES, compiling
+from ppfr.ops._validate import INT_TYPES, draw_device, require, to_device
 
 # u + v <= 3: the 10 low frequencies PartialFace prunes (raster k = 8u + v), and the 54 it keeps (ascending).
 PRUNED = (0, 1, 2, 3, 8, 9, 10, 16, 17, 24)
@@ -136,16 +137,27 @@ def _check_labels(labels: torch.Tensor | None, batch: int | None) -> int:
         return batch
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.dtype not in INT_TYPES:
         raise ValueError("labels must be a 1-D integer tensor (B,)")
-    if not compiling() and labels.numel() and int(labels.min()) < 0:
-        raise ValueError("labels must be non-negative class indices")
+    if labels.numel():  # CPU labels: a ValueError now; device labels: a device-side assert (no host sync)
+        require((labels >= 0).all(), "labels must be non-negative class indices")
     return labels.shape[0]
 
 
-def _draw(b: int, space: RankSpace, rule: str, labels: torch.Tensor | None, generator: torch.Generator | None):
-    """The random draws shared by both backends: (B,) subset choices (within the rule) and (B,) permutations."""
-    pick = torch.randint(0, 3 if rule == "label" else space.m, (b,), generator=generator)
-    perm = torch.randint(0, space.n, (b,), generator=generator)
-    return pick, perm
+def _draw(b: int, space: RankSpace, rule: str, generator: torch.Generator | None,
+          device: torch.device = torch.device("cpu")):  # fmt: skip
+    """The random draws shared by both backends: (B,) subset choices (within the rule) and (B,) permutations,
+    on ``device``. They are drawn on the generator's device (a CPU generator gives the same draws everywhere;
+    the copy is non-blocking) or, without a generator, on ``device`` from its global RNG."""
+    where = draw_device(generator, device)
+    pick = torch.randint(0, 3 if rule == "label" else space.m, (b,), generator=generator, device=where)
+    perm = torch.randint(0, space.n, (b,), generator=generator, device=where)
+    return to_device(pick, device), to_device(perm, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_tables(space: RankSpace, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, n, 3 s) channel table and (20, 3) label choices on ``device``, made once (no per-call copy)."""
+    with torch.inference_mode(False):  # normal tensors even when first asked for under inference_mode
+        return space.channel_table(device), torch.tensor(LABEL_CHOICES, device=device)
 
 
 def sample_ranks_ref(
@@ -155,7 +167,7 @@ def sample_ranks_ref(
     """Per-sample loop, written like the reference code's `form_training_batch` (same draws as the fast form)."""
     space = space or RankSpace.code()
     b = _check_labels(labels, batch)
-    pick, perm = _draw(b, space, rule, labels, generator)
+    pick, perm = _draw(b, space, rule, generator)
     subset, chans = [], []
     for i in range(b):
         s_i = LABEL_CHOICES[int(labels[i]) % 20][int(pick[i])] if rule == "label" else int(pick[i])
@@ -166,32 +178,35 @@ def sample_ranks_ref(
     return Ranks(torch.tensor(chans, device=dev), torch.tensor(subset, device=dev), perm.to(dev))
 
 
-def _sample_ranks_torch(b, labels, space, rule, generator) -> Ranks:
-    pick, perm = _draw(b, space, rule, labels, generator)
-    dev = labels.device if labels is not None else torch.device("cpu")
-    pick, perm = pick.to(dev), perm.to(dev)
+def _sample_ranks_torch(b, labels, space, rule, generator, dev: torch.device) -> Ranks:
+    """Vectorised sampling on ``dev``: draws, label lookup and table gather never leave the device."""
+    pick, perm = _draw(b, space, rule, generator, dev)
+    table, choices = _device_tables(space, dev)  # (m, n, 3s), (20, 3)
     if rule == "label":
-        choices = torch.tensor(LABEL_CHOICES, device=dev)  # (20, 3)
-        subset = choices[labels.remainder(20)].gather(1, pick[:, None]).squeeze(1)
+        subset = choices[to_device(labels, dev).remainder(20)].gather(1, pick[:, None]).squeeze(1)
     else:
         subset = pick
-    table = space.channel_table(dev)  # (m, n, 3s)
     return Ranks(table[subset, perm], subset, perm)
 
 
 def sample_ranks(
     labels: torch.Tensor | None = None, *, batch: int | None = None, space: RankSpace | None = None,
     rule: str = "label", generator: torch.Generator | None = None, backend: str = "auto",
+    device: torch.device | str | None = None,
 ) -> Ranks:  # fmt: skip
-    """Draw one PartialFace rank per sample, vectorised.
+    """Draw one PartialFace rank per sample, vectorised, without a host sync.
 
     Args:
         labels: (B,) int class labels (needed for ``rule="label"``; otherwise pass ``batch``).
         batch: B when no labels are given (inference, ``rule="uniform"``).
         space: the shared rank space (default: the reference code's :meth:`RankSpace.code`).
         rule: ``"label"`` (code: 3 of 6 subsets by ``label % 20``) or ``"uniform"`` (paper / inference).
-        generator: explicit CPU ``torch.Generator`` for reproducible draws (the global RNG if None).
-        backend: ``auto`` | ``torch`` | ``ref`` (the per-sample loop; identical results).
+        generator: a ``torch.Generator`` for reproducible draws; a CPU one gives the same ranks on every
+            device (the draws are copied over non-blocking). None: ``device``'s global RNG.
+        backend: ``auto`` | ``torch`` | ``ref`` (the per-sample loop, which reads every draw on the host;
+            identical results).
+        device: where the result lives (default: the labels' device, else the CPU). The torch backend samples
+            there without reading anything back to the host.
 
     Returns:
         :class:`Ranks` with ``channels`` (B, 3 s) int64 in [0, 192), colour-major [Y s][Cb s][Cr s], frequency
@@ -206,11 +221,15 @@ def sample_ranks(
         if space.m != 6:
             raise ValueError(f"rule='label' is defined for m=6 subsets (3-of-6 by label % 20); space has m={space.m}")
     b = _check_labels(labels, batch)
-    dev = labels.device if labels is not None else torch.device("cpu")
+    if device is not None:
+        dev = torch.device(device)
+    else:
+        dev = labels.device if labels is not None else torch.device("cpu")
     be = _backend.resolve("sample_ranks", backend, dev, SAMPLE_RANKS_BACKENDS)
     if be == "ref":
-        return sample_ranks_ref(labels, batch=b, space=space, rule=rule, generator=generator)
-    return _sample_ranks_torch(b, labels, space, rule, generator)
+        r = sample_ranks_ref(labels, batch=b, space=space, rule=rule, generator=generator)
+        return Ranks(*(t.to(dev) for t in (r.channels, r.subset, r.perm)))
+    return _sample_ranks_torch(b, labels, space, rule, generator, dev)
 
 
 def partialface_batch_ref(x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -225,7 +244,7 @@ def partialface_batch_ref(x: torch.Tensor, labels: torch.Tensor, generator: torc
 
     b, _, h, w = x.shape
     space = RankSpace.code()
-    pick, perm = _draw(b, space, "label", labels, generator)
+    pick, perm = _draw(b, space, "label", generator)
     full = freq_encode_ref(x).reshape(b, 3, 64, h, w)
     all_subsets = torch.stack([full[:, :, list(s)] for s in space.subsets], dim=1)  # (B, 6, 3, 9, H, W)
     out = []
