@@ -11,6 +11,18 @@
   holds only plain numeric arrays and UTF-8 JSON, nothing that can execute code when loaded.
 * Thread-safe: every read and mutation holds one lock; a mutation is applied to copies, saved, then swapped in,
   so a failed save leaves the in-memory gallery and the file as they were.
+
+``Gallery`` is the single-file gallery (and the in-memory one of the tests). Its cost per change grows with the
+gallery (the whole file is rewritten) and one process owns a folder. The stores for real deployments share its
+interface (:class:`GalleryLike`) and are chosen by URI with :func:`open_gallery`:
+
+* ``sqlite:///path/to/gallery.db``, or a plain folder (-> ``folder/gallery.db``): SQLite rows + a faiss index
+  (``index="flat"`` exact, ``"hnsw"`` approximate), one transaction per change, several processes per host
+  (:mod:`ppfr.deploy.gallery_sqlite`). A folder holding only today's ``gallery.npz`` is imported on first open.
+* ``qdrant://host:port/collection`` (a Qdrant server or cluster) and ``qdrant+local:///path`` (embedded, one
+  process): :mod:`ppfr.deploy.gallery_qdrant`.
+
+``python -m ppfr.deploy.gallery import SRC.npz DST`` imports a ``gallery.npz`` into any of them (:func:`import_npz`).
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -352,3 +364,195 @@ def _read(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
         raise bad("embeddings are not finite unit vectors")
     order = np.argsort(labels, kind="stable")  # grouped by identity, as the gallery keeps its rows
     return names, labels[order], np.ascontiguousarray(emb[order]), meta
+
+
+# ------------------------------------------------------------------------------------ stores chosen by URI
+@runtime_checkable
+class GalleryLike(Protocol):
+    """What the server needs of a gallery; :class:`Gallery`, ``SqliteGallery`` and ``QdrantGallery`` provide it.
+
+    Embeddings are (N, D) float arrays (stored float32, L2-normalised; zero or non-finite rows refused); scores
+    are cosines in [-1, 1]; an identity's score is its best cosine over its embeddings.
+    """
+
+    method: str
+    embedding_size: int
+
+    def enrol(self, name: str, embeddings: np.ndarray) -> int: ...
+    def enrol_many(self, items: list[tuple[str, np.ndarray]]) -> list[int]: ...
+    def remove(self, name: str) -> int: ...
+    def identities(self) -> dict[str, int]: ...
+    def embeddings(self, name: str) -> np.ndarray: ...
+    def verify(self, name: str, probes: np.ndarray) -> np.ndarray: ...
+    def search(self, probes: np.ndarray, top_k: int = 5) -> list[list[Match]]: ...
+    def close(self) -> None: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, name: object) -> bool: ...
+    @property
+    def num_embeddings(self) -> int: ...
+
+
+def _sqlite_path(target: str | Path) -> Path:
+    """A sqlite target -> the database file: a folder (existing, or a path without a suffix) means
+    ``folder/gallery.db``."""
+    from ppfr.deploy.gallery_sqlite import FILENAME as DB
+
+    p = Path(target)
+    return p / DB if p.is_dir() or (not p.exists() and p.suffix == "") else p
+
+
+def open_gallery(uri: str | Path, method: str, embedding_size: int, *, index: str = "flat",
+                 **options: Any) -> GalleryLike:  # fmt: skip
+    """Open (creating if absent) the gallery at ``uri`` for embeddings of ``method`` (``embedding_size``-d).
+
+    ``uri``: ``sqlite://<path>`` (``sqlite:///abs/gallery.db``; a folder means ``folder/gallery.db``), a plain path
+    (the same as ``sqlite://<path>``), ``qdrant://host:port/collection`` (``qdrants://`` for TLS) or
+    ``qdrant+local://<folder>[?collection=name]``. ``index`` ("flat" exact / "hnsw") and ``options`` (see
+    ``VectorIndex``) apply to sqlite; ``options`` ``exact`` / ``api_key`` / ``timeout`` to qdrant.
+    A folder's ``gallery.db`` that does not exist yet, beside a ``gallery.npz``, is first imported from it.
+    Raises GalleryError for an unusable store or one enrolled with another method / embedding size.
+    """
+    return _open(uri, method, embedding_size, index, options, auto_import=True)
+
+
+def _open(uri: str | Path, method: str, embedding_size: int, index: str, options: dict[str, Any], *,
+          auto_import: bool) -> GalleryLike:  # fmt: skip
+    text = str(uri)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "sqlite", text
+    scheme = scheme.lower()
+    if scheme == "sqlite":
+        from ppfr.deploy.gallery_sqlite import SqliteGallery
+
+        db = _sqlite_path(rest)
+        if auto_import:
+            _auto_import(db)
+        return SqliteGallery(db, method, embedding_size, index=index, **options)
+    if scheme in ("qdrant", "qdrants", "qdrant+local"):
+        from urllib.parse import parse_qs, urlsplit
+
+        from ppfr.deploy.gallery_qdrant import DEFAULT_COLLECTION, QdrantGallery
+
+        if index != "flat":
+            raise ValueError("index= selects the sqlite backend's faiss index; Qdrant indexes itself (HNSW)")
+        if scheme == "qdrant+local":
+            path, _, query = rest.partition("?")
+            coll = parse_qs(query).get("collection", [DEFAULT_COLLECTION])[0]
+            if not path:
+                raise ValueError(f"{text}: qdrant+local needs a folder, e.g. qdrant+local:///var/lib/ppfr/gallery")
+            return QdrantGallery(method, embedding_size, path=path, collection=coll, **options)
+        u = urlsplit(text)
+        coll = u.path.strip("/") or DEFAULT_COLLECTION
+        if not u.hostname or "/" in coll:
+            raise ValueError(f"{text}: expected qdrant://host:port/collection")
+        url = f"{'https' if scheme == 'qdrants' else 'http'}://{u.hostname}:{u.port or 6333}"
+        return QdrantGallery(method, embedding_size, url=url, collection=coll, **options)
+    raise ValueError(f"unknown gallery URI scheme {scheme!r} in {text!r}: use a folder, sqlite://, qdrant:// or "
+                     "qdrant+local://")  # fmt: skip
+
+
+def _auto_import(db: Path) -> None:
+    """Create ``db`` from the ``gallery.npz`` beside it, when there is one and no database yet.
+
+    Built in a temporary file and renamed into place, under an exclusive ``flock`` (where available) so that
+    two servers starting together import once; a crash mid-import leaves no database (the next start retries).
+    The ``gallery.npz`` is left in place as a backup; from then on only the database changes.
+    """
+    from ppfr.deploy.gallery_sqlite import FILENAME as DB
+
+    npz = db.parent / FILENAME
+    if db.name != DB or db.exists() or not npz.exists():  # only the folder's own database stands in for its npz
+        return
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None  # type: ignore[assignment]
+    with open(db.parent / ".gallery-import.lock", "a+b") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if db.exists():  # another process imported it while we waited
+            return
+        tmp = db.with_name(f".{db.name}.importing")
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)  # from an import killed half way
+        from ppfr.deploy.gallery_sqlite import SqliteGallery
+
+        names, labels, emb, meta = _read(npz)
+        try:
+            g = SqliteGallery(tmp, meta["method"], meta["embedding_size"])
+            try:
+                g._db.execute("PRAGMA journal_mode=DELETE")  # the file to be renamed into place must be one file
+                _import_into(g, names, labels, emb, str(db))
+            finally:
+                g.close()
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, db)
+        except BaseException:
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+            raise
+        fsync_dir(db.parent)
+
+
+def import_npz(src: str | Path, dst: str | Path, *, index: str = "flat") -> dict[str, int]:
+    """Copy a ``gallery.npz`` (the file, or its folder) into the gallery at ``dst`` (any :func:`open_gallery`
+    URI or path), with the method and embedding size recorded in the npz.
+
+    Read with ``allow_pickle=False`` and fully checked first (GalleryError if unusable). The destination must hold
+    no identity yet (GalleryError otherwise: importing twice would double every template). All identities go in
+    one ``enrol_many`` (one transaction for sqlite). Returns {"identities": n, "embeddings": rows}.
+    """
+    src = Path(src)
+    if src.is_dir():
+        src = src / FILENAME
+    if not src.exists():
+        raise GalleryError(f"no gallery file at {src}")
+    names, labels, emb, meta = _read(src)
+    g = _open(dst, meta["method"], meta["embedding_size"], index, {}, auto_import=False)
+    try:
+        _import_into(g, names, labels, emb, str(dst))
+    finally:
+        g.close()
+    return {"identities": len(names), "embeddings": int(emb.shape[0])}
+
+
+def _import_into(g: GalleryLike, names: list[str], labels: np.ndarray, emb: np.ndarray, where: str) -> None:
+    if len(g):
+        raise GalleryError(f"{where} already holds {len(g)} identities: import into an empty gallery")
+    if names:
+        starts = np.searchsorted(labels, np.arange(len(names) + 1))  # _read returns rows grouped by identity
+        g.enrol_many([(n, emb[starts[i]: starts[i + 1]]) for i, n in enumerate(names)])
+
+
+def register(sub: Any) -> None:
+    """Add the ``ppfr gallery ...`` verb to the top-level CLI's subparsers (parsed by :func:`main`)."""
+    from ppfr.cli import add_delegating_verb
+
+    add_delegating_verb(sub, "gallery", "gallery maintenance: import a gallery.npz into sqlite / qdrant", main)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``ppfr gallery import SRC DST`` (or ``python -m ppfr.deploy.gallery import ...``): import a gallery.npz;
+    exit 0, or 2 with a one-line error."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="ppfr gallery", description="gallery maintenance")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="import a gallery.npz into a sqlite or qdrant gallery")
+    imp.add_argument("src", help="a gallery.npz, or the folder holding it")
+    imp.add_argument("dst", help="destination: folder, sqlite://..., qdrant://host:port/collection, qdrant+local://...")
+    args = ap.parse_args(argv)
+    try:
+        got = import_npz(args.src, args.dst)
+    except (GalleryError, ValueError, OSError, ImportError) as exc:
+        print(f"ppfr gallery: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"imported {got['identities']} identities ({got['embeddings']} embeddings) into {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
