@@ -155,7 +155,8 @@ def add_delegating_verb(sub, name: str, help: str, main) -> None:
 
 
 VERB_MODULES: tuple[str, ...] = ("ppfr.data.cli", "ppfr.train.trainer", "ppfr.eval.cli", "ppfr.deploy.cli",
-                                 "ppfr.deploy.serve", "ppfr.deploy.client", "ppfr.study", "ppfr.eval.attacks.cli")
+                                 "ppfr.deploy.serve", "ppfr.deploy.client", "ppfr.deploy.gallery", "ppfr.study",
+                                 "ppfr.eval.attacks.cli")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,9 @@
 """``ppfr serve`` / ``ppfr client`` and the gallery: a real HTTP server on an ephemeral loopback port.
 
+The server tests run against both HTTP stacks over the same ``RecognitionService``: ``asgi`` (FastAPI + uvicorn,
+``ppfr.deploy.app``, the default of ``ppfr serve``) and ``stdlib`` (``ThreadingHTTPServer``, the fallback).
+Clients send the binary wire format (``ppfr.deploy.wire``) unless a test sends JSON on purpose.
+
 The server runs an untrained PartialFace (IR-18, width 8: fast on 2 cores). Its embeddings are deterministic for a
 given payload, but ``protect`` draws a random rank per image, so the round-trip checks protect the enrolment and the
 probe with the same seed (the documented test-only ``seed`` of the client): identical payloads, identical
@@ -20,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,8 +36,12 @@ import ppfr
 from ppfr.deploy.client import (
     Client, ServerError, decode_tensor, encode_payload, encode_tensor, protect_images, read_faces,
 )  # fmt: skip
+from ppfr.deploy import wire
+from ppfr.deploy.app import AsgiServer
 from ppfr.deploy.gallery import Gallery, GalleryError
-from ppfr.deploy.serve import RecognitionServer, RecognitionService, RequestError, ServeConfig
+from ppfr.deploy.serve import (
+    RecognitionServer, RecognitionService, RequestError, ServeConfig, open_server_gallery,
+)  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]
 FACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeba112" / "val"
@@ -83,15 +92,52 @@ def faces() -> dict[str, list[Path]]:
     return out
 
 
+STACKS = ("asgi", "stdlib")
+
+
+def _server(stack: str, runner, gallery, config: ServeConfig | None = None):
+    """A server of ``stack`` (not started: use it as a context manager or call start())."""
+    cls = AsgiServer if stack == "asgi" else RecognitionServer
+    return cls(runner, gallery, TOKEN, config=config)
+
+
+@pytest.fixture(params=STACKS)
+def stack(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def server(runner, tmp_path):
-    srv = RecognitionServer(runner, tmp_path / "gallery", TOKEN, config=ServeConfig(max_delay_ms=5)).start()
+def server(stack, runner, tmp_path):
+    srv = _server(stack, runner, tmp_path / "gallery", ServeConfig(max_delay_ms=5)).start()
     yield srv
     srv.close()
 
 
-def _payload(method, path: Path, seed: int = 0) -> dict:
-    return encode_payload(protect_images(method, read_faces([path]), seed=seed))
+def _payload(method, path: Path, seed: int = 0):
+    """A protected face as a Payload (Client sends it in the binary wire format)."""
+    return protect_images(method, read_faces([path]), seed=seed)
+
+
+def _json_payload(method, path: Path, seed: int = 0) -> dict:
+    """The same as a JSON wire object (Client sends it as JSON)."""
+    return encode_payload(_payload(method, path, seed))
+
+
+def _snapshot(gallery) -> dict:
+    """Everything a gallery holds, to check that refused requests changed nothing."""
+    return {n: gallery.embeddings(n).copy() for n in gallery.identities()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _reopen(path: Path):
+    """The gallery a server left at ``path`` (after it stopped)."""
+    class Spec:
+        method, embedding_size = "partialface", 512
+
+    return open_server_gallery(path, Spec())
 
 
 def _raw(url: str, verb: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
@@ -120,7 +166,7 @@ def test_enrol_identify_verify_round_trip(server, method, faces):
     for name, (a, _) in faces.items():
         assert c.enrol(name, _payload(method, a)) == {"name": name, "added": 1, "embeddings": 1}
     first = next(iter(faces))
-    out = c.enrol(first, encode_payload(protect_images(method, read_faces([faces[first][1]]), seed=5)))
+    out = c.enrol(first, _json_payload(method, faces[first][1], seed=5))  # the older JSON format still works
     assert out["embeddings"] == 2  # several embeddings per identity
     assert c.identities() == {n: (2 if n == first else 1) for n in faces}
     for name, (a, _) in faces.items():
@@ -130,6 +176,11 @@ def test_enrol_identify_verify_round_trip(server, method, faces):
         assert len(res["candidates"]) == 3 and res["match"] == name
         scores = [x["score"] for x in res["candidates"]]
         assert scores == sorted(scores, reverse=True)
+    # lossy encodings are decoded server-side to the runner's float32: the probe still finds itself
+    for encoding, floor in (("float16", 0.999), ("int8", 0.99)):
+        lossy = Client(server.url, TOKEN, encoding=encoding, spec=method.payload_spec)
+        res = lossy.identify(_payload(method, faces[first][0]), top_k=1)
+        assert res["match"] == first and res["candidates"][0]["score"] > floor, (encoding, res)
     other = list(faces)[1]
     own = c.verify(first, _payload(method, faces[first][0]))
     assert own["match"] is True and own["score"] == pytest.approx(1.0, abs=1e-4)
@@ -142,9 +193,9 @@ def test_enrol_identify_verify_round_trip(server, method, faces):
     assert e.value.status == 404
 
 
-def test_client_and_serve_cli(model_pt, faces, tmp_path):
+def test_client_and_serve_cli(model_pt, faces, tmp_path, stack):
     """The verbs end to end: `ppfr serve` in a subprocess (port 0, token file), `ppfr client` enrol / identify /
-    verify, SIGTERM -> graceful stop with exit code 0 and the gallery on disk."""
+    verify (binary raw and int8, and JSON), SIGTERM -> graceful stop with exit code 0 and the gallery on disk."""
     from ppfr.cli import main as ppfr_main
 
     token_file = tmp_path / "token"
@@ -152,7 +203,7 @@ def test_client_and_serve_cli(model_pt, faces, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ppfr.cli", "serve", str(model_pt), "--port", "0", "--gallery",
                              str(tmp_path / "g"), "--token-file", str(token_file), "--backend", "eager",
-                             "--log-level", "WARNING"],
+                             "--log-level", "WARNING", "--http", stack],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)  # fmt: skip
     try:
         line = proc.stdout.readline()
@@ -162,8 +213,9 @@ def test_client_and_serve_cli(model_pt, faces, tmp_path):
         base = [str(model_pt), "--server", url, "--token-file", str(token_file), "--seed", "0"]
         for n in names:
             assert ppfr_main(["client", *base, "enrol", n, str(faces[n][0])]) == 0
-        assert ppfr_main(["client", *base, "identify", str(faces[names[1]][0])]) == 0
-        assert ppfr_main(["client", *base, "verify", names[0], str(faces[names[0]][0])]) == 0
+        assert ppfr_main(["client", *base, "--encoding", "int8", "identify", str(faces[names[1]][0])]) == 0
+        assert ppfr_main(["client", *base, "--wire", "json", "verify", names[0], str(faces[names[0]][0])]) == 0
+        assert ppfr_main(["client", *base, "--wire", "json", "--encoding", "int8", "list"]) == 2
         # wrong token: refused, exit code 1
         assert ppfr_main(["client", str(model_pt), "--server", url, "--token", "nope", "list"]) == 1
         assert ppfr_main(["client", *base, "identify", str(tmp_path / "missing.jpg")]) == 2
@@ -177,7 +229,68 @@ def test_client_and_serve_cli(model_pt, faces, tmp_path):
             proc.wait()
     assert proc.returncode == 0, err
     assert "stopped" in out
-    assert set(Gallery.open(tmp_path / "g", "partialface", 512).identities()) == set(names)
+    assert set(_reopen(tmp_path / "g").identities()) == set(names)
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of ``pid`` (Linux /proc)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        out += [int(c) for c in task.read_text().split()]
+    return out
+
+
+@pytest.mark.slow  # ~25 s on an idle 2-core box: two processes load torch and the model
+@pytest.mark.timeout(180)
+def test_serve_workers_answer_concurrent_identify(model_pt, method, faces, tmp_path):
+    """Acceptance: `ppfr serve --workers 2` (two uvicorn worker processes sharing one SQLite gallery) answers 8
+    threads x 50 concurrent identify requests with 0 errors and right answers; SIGTERM stops it with status 0."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs Linux /proc to see the worker processes")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PPFR_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "ppfr.cli", "serve", str(model_pt), "--port", "0", "--gallery",
+                             f"sqlite://{tmp_path / 'gallery.db'}", "--backend", "eager", "--workers", "2",
+                             "--max-batch", "8", "--log-level", "WARNING"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert "2 workers, listening on http://127.0.0.1:" in line, line + proc.stderr.read()
+        url = line.rsplit(" ", 1)[1].strip()
+        names = list(faces)
+        probes = {n: _payload(method, faces[n][0]) for n in names}
+        c = Client(url, TOKEN)
+        for n in names:  # the first requests wait in the listen backlog until a worker has loaded the model
+            c.enrol(n, probes[n])
+        assert len(_children(proc.pid)) >= 2
+
+        def client_job(i: int) -> list[str]:
+            cl, errors = Client(url, TOKEN), []
+            for r in range(50):
+                n = names[(i + r) % len(names)]
+                try:
+                    if cl.identify(probes[n], top_k=2)["candidates"][0]["name"] != n:
+                        errors.append(f"client {i} request {r}: wrong answer for {n}")
+                except Exception as exc:
+                    errors.append(f"client {i} request {r}: {exc!r}")
+            cl.close()
+            return errors
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            errors = [e for errs in pool.map(client_job, range(8)) for e in errs]
+        print(f"\n--workers 2: 400 identify requests from 8 threads in {time.perf_counter() - t0:.1f} s, "
+              f"{len(errors)} errors")  # fmt: skip
+        assert errors == []
+        c.close()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "stopped" in out
+    assert set(_reopen(tmp_path / "gallery.db").identities()) == set(names)
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -185,10 +298,9 @@ def test_bad_requests_are_refused_and_change_nothing(server, method, faces):
     c = Client(server.url, TOKEN)
     name, (a, b) = next(iter(faces.items()))
     c.enrol(name, _payload(method, a))
-    gallery_file = server.service.gallery.path
-    before_bytes, before_ids = gallery_file.read_bytes(), c.identities()
+    before, before_ids = _snapshot(server.service.gallery), c.identities()
 
-    good = _payload(method, b)
+    good = _json_payload(method, b)
     t = good["tensors"]["dct"]
     arr = decode_tensor(t)
     rgb = read_faces([a]).numpy()
@@ -198,6 +310,11 @@ def test_bad_requests_are_refused_and_change_nothing(server, method, faces):
 
     def body(payload, **extra):
         return json.dumps({"name": "intruder", "payload": payload, **extra}).encode()
+
+    def binary(tensors=None, method_name="partialface", **fields):
+        return wire.encode_message(method_name, 1, tensors or {"dct": arr}, {"name": "intruder", **fields})
+
+    ppfr_type = _auth({"Content-Type": wire.CONTENT_TYPE})
 
     cases = [  # (path, body, headers, expected status, fragment of the message)
         ("/v1/enrol", body(good), {"Content-Type": "application/json"}, 401, "token"),
@@ -231,6 +348,17 @@ def test_bad_requests_are_refused_and_change_nothing(server, method, faces):
         ("/v1/verify", body(good), _auth(), 404, "not enrolled"),
         ("/v1/remove", json.dumps({"name": "nobody"}).encode(), _auth(), 404, "not enrolled"),
         ("/v1/nothing", b"{}", _auth(), 404, "no endpoint"),
+        # the binary wire format: the same checks after decoding, and its own framing checks
+        ("/v1/enrol", binary(), {"Content-Type": wire.CONTENT_TYPE}, 401, "token"),
+        ("/v1/enrol", binary()[:-1], ppfr_type, 400, "malformed payload"),
+        ("/v1/enrol", b"PPFR" + binary()[4:10], ppfr_type, 400, "malformed payload"),
+        ("/v1/enrol", binary(method_name="arcface"), ppfr_type, 400, "this server runs 'partialface'"),
+        ("/v1/enrol", binary({"image": rgb}), ppfr_type, 400, "RGB image"),
+        ("/v1/enrol", binary({"dct": arr.astype(np.float64)}), ppfr_type, 400, "float32"),
+        ("/v1/enrol", binary({"dct": np.where(arr > 0, np.inf, arr)}), ppfr_type, 400, "NaN or infinite"),
+        ("/v1/enrol", binary(extra="x"), ppfr_type, 400, "unknown ['extra']"),
+        ("/v1/enrol", binary(), _auth({"Content-Type": "text/plain"}), 415, "Content-Type"),
+        ("/v1/enrol", a.read_bytes(), _auth({"Content-Type": wire.CONTENT_TYPE}), 400, "image was sent"),
     ]
     for path, data, headers, status, fragment in cases:
         got, answer = _raw(server.url, "POST", path, data, headers)
@@ -251,24 +379,24 @@ def test_bad_requests_are_refused_and_change_nothing(server, method, faces):
     conn.close()
 
     assert c.identities() == before_ids
-    assert gallery_file.read_bytes() == before_bytes
+    assert _same(_snapshot(server.service.gallery), before)
     assert c.identify(good)["candidates"][0]["name"] == name  # and the server still works
 
 
-def test_oversized_body_is_refused_unread(runner, method, faces, tmp_path):
+def test_oversized_body_is_refused_unread(runner, method, faces, tmp_path, stack):
     """A body over the limit gets 413 (not a broken pipe) through Client, and the server keeps serving."""
     a = next(iter(faces.values()))[0]
-    with RecognitionServer(runner, tmp_path / "g", TOKEN, config=ServeConfig(max_request_bytes=64 * 1024)) as srv:
+    with _server(stack, runner, tmp_path / "g", ServeConfig(max_request_bytes=64 * 1024)) as srv:
         c = Client(srv.url, TOKEN)
         with pytest.raises(ServerError) as e:
-            c.enrol("big", _payload(method, a))  # ~1.8 MB of base64
+            c.enrol("big", _payload(method, a))  # ~1.35 MB of raw float32
         assert e.value.status == 413 and "65536" in e.value.message
-        assert c.identities() == {} and not (tmp_path / "g" / "gallery.npz").exists()
+        assert c.identities() == {} and srv.service.gallery.num_embeddings == 0
         assert c.health() == {"status": "ok"}
 
 
-def test_connection_limit_answers_503(runner, tmp_path):
-    with RecognitionServer(runner, tmp_path / "g", TOKEN, config=ServeConfig(max_connections=1)) as srv:
+def test_connection_limit_answers_503(runner, tmp_path, stack):
+    with _server(stack, runner, tmp_path / "g", ServeConfig(max_connections=1)) as srv:
         first = Client(srv.url, TOKEN)
         assert first.health() == {"status": "ok"}  # accepted; its keep-alive connection stays open
         status, answer = _raw(srv.url, "GET", "/health")
@@ -316,10 +444,10 @@ class _GatedRunner:
         return self.inner.run(inputs)
 
 
-def test_full_queue_answers_503_and_close_drains(runner, method, faces, tmp_path):
+def test_full_queue_answers_503_and_close_drains(runner, method, faces, tmp_path, stack):
     gated = _GatedRunner(runner)
     cfg = ServeConfig(max_batch=1, max_delay_ms=0, queue_size=2)
-    srv = RecognitionServer(gated, tmp_path / "g", TOKEN, config=cfg).start()
+    srv = _server(stack, gated, tmp_path / "g", cfg).start()
     names = list(faces)
     payloads = {n: _payload(method, faces[n][0]) for n in names}
     c = Client(srv.url, TOKEN)
@@ -343,16 +471,16 @@ def test_full_queue_answers_503_and_close_drains(runner, method, faces, tmp_path
     assert not closer.is_alive()
     with pytest.raises(OSError):
         Client(srv.url, TOKEN, timeout=5).health()
-    assert set(Gallery.open(tmp_path / "g", "partialface", 512).identities()) == set(names[:3])  # not names[3]
+    assert set(_reopen(tmp_path / "g").identities()) == set(names[:3])  # not names[3]
 
 
 # ------------------------------------------------------------------------------------------ load, restart
-def test_concurrent_load_and_restart(runner, method, faces, tmp_path):
+def test_concurrent_load_and_restart(runner, method, faces, tmp_path, stack):
     """8 clients x 50 requests (identify and verify) with no error and right answers; batching happens; the
     gallery survives a restart of the server."""
     names = list(faces)
     probes = {n: _payload(method, faces[n][0]) for n in names}
-    srv = RecognitionServer(runner, tmp_path / "g", TOKEN, config=ServeConfig(max_batch=8, max_delay_ms=5)).start()
+    srv = _server(stack, runner, tmp_path / "g", ServeConfig(max_batch=8, max_delay_ms=5)).start()
     try:
         c = Client(srv.url, TOKEN)
         for n in names:
@@ -384,7 +512,7 @@ def test_concurrent_load_and_restart(runner, method, faces, tmp_path):
         before = c.identify(probes[names[2]], top_k=6)
     finally:
         srv.close()
-    srv2 = RecognitionServer(runner, tmp_path / "g", TOKEN).start()
+    srv2 = _server(stack, runner, tmp_path / "g").start()
     try:
         c2 = Client(srv2.url, TOKEN)
         assert c2.identities() == {n: 1 for n in names}
@@ -549,7 +677,7 @@ def _degenerate(value: float) -> dict:
     return encode_payload(ppfr.methods.Payload("partialface", {"dct": torch.full((1, 27, 112, 112), value)}))
 
 
-def test_degenerate_payloads_fail_alone(runner, method, faces, tmp_path):
+def test_degenerate_payloads_fail_alone(runner, method, faces, tmp_path, stack):
     """One client sending degenerate payloads while honest clients identify and enrol concurrently: every poisoned
     request gets a 4xx naming the problem, every honest request succeeds (batch-mates are never failed)."""
     rec = _MixRecorder(runner)
@@ -561,7 +689,7 @@ def test_degenerate_payloads_fail_alone(runner, method, faces, tmp_path):
     others = {n: _payload(method, faces[n][1]) for n in names}  # enrolled copies of a probe would tie in identify
     poison = [_degenerate(v) for v in (0.0, 1e30, 3e38)]
     rounds = 12
-    with RecognitionServer(rec, tmp_path / "g", TOKEN, config=cfg) as srv:
+    with _server(stack, rec, tmp_path / "g", cfg) as srv:
         c = Client(srv.url, TOKEN)
         for n in names:
             c.enrol(n, probes[n])
@@ -715,17 +843,17 @@ class _Trickler:
         self._thread.join(10)
 
 
-def test_slowloris_cannot_starve_health(runner, tmp_path):
+def test_slowloris_cannot_starve_health(runner, tmp_path, stack):
     """128 trickling connections (every slot: half trickle a header line, half the body of an unauthenticated
     POST), re-opened as soon as they are dropped: /health, on fresh connections, keeps answering 200, and no trickled
     connection outlives the whole-request deadline, although each sends a byte every 0.1 s."""
     cfg = ServeConfig(max_connections=128, idle_timeout=1.0, read_timeout=1.0)
-    with RecognitionServer(runner, tmp_path / "g", TOKEN, config=cfg) as srv:
+    with _server(stack, runner, tmp_path / "g", cfg) as srv:
         with _Trickler(srv.address, 64, "head") as heads, _Trickler(srv.address, 64, "body") as bodies:
             deadline = time.monotonic() + 10
-            while len(srv.httpd._conns) < 128 and time.monotonic() < deadline:
+            while srv.connection_count() < 128 and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert len(srv.httpd._conns) >= 128, "the slowloris connections never filled the slots"
+            assert srv.connection_count() >= 128, "the slowloris connections never filled the slots"
             lat, statuses = [], []
             end = time.monotonic() + 3.0  # 3 deadlines: every trickled connection is cut and re-opened meanwhile
             while time.monotonic() < end:
@@ -735,7 +863,8 @@ def test_slowloris_cannot_starve_health(runner, tmp_path):
                 time.sleep(0.01)
     p50, p99 = np.percentile(lat, [50, 99])
     lives = heads.lifetimes + bodies.lifetimes
-    print(f"\n/health under slowloris: {statuses.count(200)}/{len(statuses)} answered 200, p50 {p50 * 1e3:.1f} ms, "
+    print(f"\n[{stack}] /health under slowloris: {statuses.count(200)}/{len(statuses)} answered 200, "
+          f"p50 {p50 * 1e3:.1f} ms, "
           f"p99 {p99 * 1e3:.1f} ms, max {max(lat) * 1e3:.1f} ms; {len(lives)} trickled connections dropped, "
           f"longest lived {max(lives, default=0):.2f} s")  # fmt: skip
     assert statuses == [200] * len(statuses)
@@ -772,7 +901,7 @@ def test_repeated_content_length_is_refused(server):
     assert Client(server.url, TOKEN).identities() == {}
 
 
-def test_connection_slots_per_peer_cap_and_eviction(runner, tmp_path):
+def test_connection_slots_per_peer_cap_and_eviction(runner, tmp_path, stack):
     """Slots under pressure: a peer at its cap gets 503 (naming the cap) while other peers get in; when every slot is
     taken, a new client evicts a stalled unauthenticated connection, never an authenticated keep-alive one."""
     probe = socket.socket()
@@ -783,15 +912,15 @@ def test_connection_slots_per_peer_cap_and_eviction(runner, tmp_path):
     finally:
         probe.close()
     cfg = ServeConfig(max_connections=4, max_connections_per_peer=3, idle_timeout=30, read_timeout=30)
-    with RecognitionServer(runner, tmp_path / "g", TOKEN, config=cfg) as srv:
+    with _server(stack, runner, tmp_path / "g", cfg) as srv:
         authed = Client(srv.url, TOKEN)
         assert authed.identities() == {}  # an authenticated keep-alive connection, now idle
         sock_before = authed._local.conn.sock
         with _Trickler(srv.address, 3, "head", source="127.0.0.2", reconnect=False) as slow:
             deadline = time.monotonic() + 10
-            while len(srv.httpd._conns) < 4 and time.monotonic() < deadline:
+            while srv.connection_count() < 4 and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert len(srv.httpd._conns) == 4
+            assert srv.connection_count() == 4
             host, port = srv.address
             conn = http.client.HTTPConnection(host, port, timeout=30, source_address=("127.0.0.2", 0))
             conn.request("GET", "/health")
@@ -804,3 +933,105 @@ def test_connection_slots_per_peer_cap_and_eviction(runner, tmp_path):
                 time.sleep(0.02)
             assert len(slow.lifetimes) == 1  # exactly one was evicted
         assert authed.identities() == {} and authed._local.conn.sock is sock_before  # same connection, untouched
+
+
+def test_deploy_imports_go_one_way():
+    """runner -> export -> tensorrt -> meta (and runner -> triton -> tensorrt, meta): no module of that chain
+    imports one above it, at module level or inside a function (an import circle breaks partial imports and tests'
+    patching)."""
+    import ast
+
+    order = ["meta", "tensorrt", "triton", "export", "runner"]  # each may import only those before it
+    allowed = {"meta": set(), "tensorrt": {"meta"}, "triton": {"meta", "tensorrt"},
+               "export": {"meta", "tensorrt"}, "runner": {"meta", "tensorrt", "export", "triton"}}  # fmt: skip
+    for mod in order:
+        tree = ast.parse((ROOT / "ppfr" / "deploy" / f"{mod}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module.startswith("ppfr.deploy."):
+                    imported.add(node.module.split(".")[2])
+                elif node.module == "ppfr.deploy":
+                    imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[2] for a in node.names if a.name.startswith("ppfr.deploy.")}
+        bad = (imported & set(order)) - allowed[mod] - {mod}
+        assert not bad, f"ppfr.deploy.{mod} imports {sorted(bad)}: imports must go runner -> export -> tensorrt -> meta"
+
+
+class _FakeTriton:
+    """Stands in for ``tritonclient.grpc.InferenceServerClient``: serves one model whose config is the protobuf of a
+    ``ppfr export --format triton`` config.pbtxt, and answers infer() with an eager runner (scaled by 3: Triton
+    returns raw, unnormalised embeddings). Records every request as (name, datatype, shape, array)."""
+
+    def __init__(self, config, inner):
+        self.config, self.inner, self.requests, self.outputs = config, inner, [], []
+
+    def get_model_repository_index(self):
+        return types.SimpleNamespace(models=[types.SimpleNamespace(name=self.config.name),
+                                             types.SimpleNamespace(name="someone_elses_model")])  # fmt: skip
+
+    def is_model_ready(self, name):
+        return name in (self.config.name, "someone_elses_model")
+
+    def get_model_config(self, name):
+        if name == self.config.name:
+            return types.SimpleNamespace(config=self.config)
+        from tritonclient.grpc import model_config_pb2
+
+        return types.SimpleNamespace(config=model_config_pb2.ModelConfig(name=name, max_batch_size=8))
+
+    def infer(self, model_name, inputs, outputs=None, client_timeout=None):
+        dt = {"FP32": np.float32, "INT64": np.int64}
+        arrays = {}
+        for i in inputs:
+            a = np.frombuffer(i._get_content(), dtype=dt[i.datatype()]).reshape(i.shape()).copy()
+            self.requests.append((i.name(), i.datatype(), i.shape(), a))
+            arrays[i.name()] = a
+        self.outputs.append([o.name() for o in outputs])
+        emb = self.inner.run(arrays) * 3.0
+        return types.SimpleNamespace(as_numpy=lambda name: emb if name == "embedding" else None)
+
+
+def test_triton_runner_request_response_mapping(runner, method, faces):
+    """--runner triton://...: the runner reads method, spec and batch limit from the model config that
+    ``ppfr export --format triton`` writes, maps payload arrays to InferInputs (names, Triton datatypes, batched
+    shapes, raw bytes) and the embedding output back (normalised), against a mocked gRPC client."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from ppfr.deploy import meta
+    from ppfr.deploy.runner import TritonRunner
+    from ppfr.deploy.triton import parse_triton_url, triton_config
+
+    props = {"ppfr_method": "partialface", "ppfr_part": "server", "ppfr_input_spec": meta.spec_to_json(
+        method.payload_spec), "ppfr_output": meta.outputs_to_json({"embedding": (512,)})}  # fmt: skip
+    cfg = text_format.Parse(triton_config("partialface_server", "onnxruntime_onnx", props, 4),
+                            model_config_pb2.ModelConfig())  # fmt: skip
+    fake = _FakeTriton(cfg, runner)
+    assert parse_triton_url("triton://gpu-box:8001/partialface_server") == ("gpu-box:8001", "partialface_server")
+    assert parse_triton_url("triton://gpu-box") == ("gpu-box:8001", None)
+    for bad in ("http://gpu-box:8001", "triton:///m", "triton://h:1/a/b"):
+        with pytest.raises(ValueError):
+            parse_triton_url(bad)
+    tr = TritonRunner("triton://gpu-box:8001", client=fake)  # no model named: the repository's one ppfr server model
+    assert (tr.model, tr.method, tr.backend, tr.embedding_size, tr.max_batch_size) == (
+        "partialface_server", "partialface", "triton", 512, 4)  # fmt: skip
+    assert tr.input_spec == dict(method.payload_spec)
+    x = protect_images(method, read_faces([p for v in faces.values() for p in v][:3]), seed=0).tensors["dct"].numpy()
+    emb = tr.run({"dct": x})
+    np.testing.assert_allclose(emb, runner.run({"dct": x}), atol=1e-6)  # normalised back to unit rows
+    name, dtype, shape, sent = fake.requests[-1]
+    assert (name, dtype, shape, fake.outputs[-1]) == ("dct", "FP32", [3, 27, 112, 112], ["embedding"])
+    assert np.array_equal(sent, x)
+    with pytest.raises(ValueError, match="maximum 4"):  # the config's max_batch_size bounds a call
+        tr.run({"dct": np.concatenate([x, x])})
+    with pytest.raises(ValueError, match="no ppfr metadata"):
+        TritonRunner("triton://gpu-box:8001/someone_elses_model", client=fake)
+    with pytest.raises(RuntimeError, match="not ready"):
+        TritonRunner("triton://gpu-box:8001/missing", client=fake)
+    # the server runs on it like on any runner
+    svc = RecognitionService(tr, Gallery(512), TOKEN)
+    inputs, n = svc.check_payload(encode_payload(ppfr.methods.Payload("partialface", {"dct": torch.from_numpy(x[:1])})),
+                                  single=True)  # fmt: skip
+    assert n == 1 and svc.info()["backend"] == "triton" and svc.config.max_batch == 4

@@ -5,13 +5,17 @@ PRO-Face C's client networks), reads aligned 112x112 RGB faces, runs ``method.pr
 payload to ``ppfr serve``. The image never leaves the machine (except for the unprotected ``arcface`` baseline,
 whose payload *is* the image).
 
-Wire format (JSON, no pickle anywhere)::
+Wire formats (no pickle anywhere). The client sends the binary format of ``ppfr.deploy.wire`` by default
+(``Content-Type: application/x-ppfr``: a msgpack header, then the tensors' raw little-endian bytes; optionally
+float16 or int8 encoded, ``Client(..., encoding=)``). The server also accepts the older JSON format, which
+``Client(..., wire="json")`` sends and ``encode_payload`` / ``decode_payload`` implement::
 
     {"method": "partialface", "schema_version": 1,
      "tensors": {"dct": {"dtype": "float32", "shape": [1, 27, 112, 112], "data": "<base64 of the raw bytes>"}}}
 
 ``data`` is the tensor's C-order bytes, little-endian, standard base64 (RFC 4648 with padding). ``decode_payload``
 checks everything a peer controls (types, dtype names, shapes against the byte count) before allocating anything.
+Answers are JSON in both cases.
 
 Randomness: PartialFace draws a random rank per image and MinusFace a random shuffle; that randomness is part of
 the protection. ``Client``/``protect_images`` therefore seed ``protect`` from the OS (``secrets``) unless a seed is
@@ -34,14 +38,11 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-# dtype names accepted on the wire -> little-endian numpy dtypes. Only plain numeric types: no object arrays.
-WIRE_DTYPES: dict[str, np.dtype] = {n: np.dtype(n).newbyteorder("<") for n in (
-    "float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")}  # fmt: skip
-MAX_RANK = 8
+from ppfr.deploy import wire as wirefmt
+from ppfr.deploy.wire import MAX_RANK, WIRE_DTYPES, WireError
 
-
-class WireError(ValueError):
-    """A message that does not follow the wire format (the message says what is wrong)."""
+__all__ = ["Client", "ServerError", "WireError", "decode_payload", "decode_tensor", "encode_payload",
+           "encode_tensor", "protect_images", "read_faces", "read_token", "WIRE_DTYPES", "MAX_RANK"]
 
 
 def encode_tensor(a: Any) -> dict:
@@ -170,19 +171,30 @@ class _HTTPSConnection(http.client.HTTPSConnection):
 class Client:
     """HTTP client of ``ppfr serve``. Thread-safe: each thread keeps its own keep-alive connection.
 
-    ``Client(url, token).enrol(name, payload)`` where ``payload`` is a ``Payload`` (from ``method.protect``) or an
-    already encoded wire object. Errors raise ServerError with the server's message.
+    ``Client(url, token).enrol(name, payload)`` where ``payload`` is a ``Payload`` (from ``method.protect``), sent in
+    the binary wire format (``wire="binary"``, the default; ``encoding`` ``raw`` | ``float16`` | ``int8``, see
+    ``ppfr.deploy.wire``) or as JSON (``wire="json"``, lossless only); an already encoded JSON wire object (a dict)
+    is sent as JSON. ``spec``: the method's ``payload_spec``, so that int8 stays inside its value range. Errors
+    raise ServerError with the server's message.
     """
 
-    def __init__(self, url: str, token: str, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, token: str, timeout: float = 60.0, wire: str = "binary", encoding: str = "raw",
+                 spec: dict | None = None) -> None:  # fmt: skip
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"server URL must be http(s)://host:port, got {url!r}")
+        if wire not in ("binary", "json"):
+            raise ValueError(f"wire must be 'binary' or 'json', got {wire!r}")
+        if encoding not in wirefmt.ENCODINGS:
+            raise ValueError(f"encoding must be one of {wirefmt.ENCODINGS}, got {encoding!r}")
+        if wire == "json" and encoding != "raw":
+            raise ValueError("the JSON wire format is lossless only: use wire='binary' for float16 / int8")
         self.scheme, self.host = parts.scheme, parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.prefix = parts.path.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.wire, self.encoding, self.spec = wire, encoding, spec
         self._local = threading.local()
 
     def _conn(self) -> http.client.HTTPConnection:
@@ -199,13 +211,14 @@ class Client:
             conn.close()
             self._local.conn = None
 
-    def request(self, method: str, path: str, body: dict | bytes | None = None, auth: bool = True) -> dict:
-        """One JSON request (``body``: an object, or JSON already encoded to bytes, e.g. to send one probe many
-        times); returns the decoded JSON answer or raises ServerError."""
+    def request(self, method: str, path: str, body: dict | bytes | None = None, auth: bool = True,
+                content_type: str = "application/json") -> dict:  # fmt: skip
+        """One request (``body``: an object sent as JSON, or bytes already encoded as ``content_type``, e.g. to
+        send one probe many times); returns the decoded JSON answer or raises ServerError."""
         data = body if body is None or isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
         headers = {"Accept": "application/json"}
         if data is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
         if auth:
             headers["Authorization"] = f"Bearer {self.token}"
         for attempt in (0, 1):
@@ -246,9 +259,17 @@ class Client:
             raise ServerError(resp.status, answer.get("error", "") if isinstance(answer, dict) else str(answer))
         return answer
 
-    @staticmethod
-    def _wire(payload: Any) -> dict:
-        return payload if isinstance(payload, dict) else encode_payload(payload)
+    def encode(self, payload: Any, **fields: Any) -> tuple[bytes, str]:
+        """(request body, content type) for ``payload`` plus the endpoint's other fields, in this client's wire
+        format; a dict payload (an encoded JSON wire object) always goes as JSON."""
+        if isinstance(payload, dict) or self.wire == "json":
+            obj = {**fields, "payload": payload if isinstance(payload, dict) else encode_payload(payload)}
+            return json.dumps(obj, separators=(",", ":")).encode(), "application/json"
+        return wirefmt.encode_payload_message(payload, fields, self.encoding, spec=self.spec), wirefmt.CONTENT_TYPE
+
+    def _post_payload(self, path: str, payload: Any, **fields: Any) -> dict:
+        data, ctype = self.encode(payload, **fields)
+        return self.request("POST", path, data, content_type=ctype)
 
     def health(self) -> dict:
         return self.request("GET", "/health", auth=False)
@@ -261,15 +282,15 @@ class Client:
 
     def enrol(self, name: str, payload: Any) -> dict:
         """Add every sample of ``payload`` as an embedding of ``name``: {"name", "added", "embeddings"}."""
-        return self.request("POST", "/v1/enrol", {"name": name, "payload": self._wire(payload)})
+        return self._post_payload("/v1/enrol", payload, name=name)
 
     def verify(self, name: str, payload: Any) -> dict:
         """One probe against ``name``: {"name", "score", "match", "threshold"}."""
-        return self.request("POST", "/v1/verify", {"name": name, "payload": self._wire(payload)})
+        return self._post_payload("/v1/verify", payload, name=name)
 
     def identify(self, payload: Any, top_k: int = 5) -> dict:
         """One probe against the gallery: {"candidates": [{"name", "score"}...], "match", "threshold"}."""
-        return self.request("POST", "/v1/identify", {"payload": self._wire(payload), "top_k": top_k})
+        return self._post_payload("/v1/identify", payload, top_k=top_k)
 
     def remove(self, name: str) -> dict:
         return self.request("POST", "/v1/remove", {"name": name})
@@ -303,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=None,
                     help="seed protect's randomness (reproducible payloads; for tests only, weakens protection)")
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--wire", default="binary", choices=["binary", "json"],
+                    help="request format: binary (msgpack header + raw bytes, default) or the older JSON + base64")
+    ap.add_argument("--encoding", default="raw", choices=list(wirefmt.ENCODINGS),
+                    help="payload encoding of the binary format: raw (lossless), float16 or int8 (smaller; "
+                         "see docs/deploy.md for their accuracy cost)")
     cmd = ap.add_subparsers(dest="action", required=True)
     p = cmd.add_parser("enrol", help="enrol aligned 112x112 face image(s) under NAME")
     p.add_argument("name")
@@ -321,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     from ppfr.methods import load_method
     from ppfr.models.checkpoints import CheckpointError
 
-    client = Client(args.server, read_token(args.token, args.token_file), timeout=args.timeout)
+    if args.wire == "json" and args.encoding != "raw":
+        print("ppfr client: --encoding float16 / int8 needs --wire binary", file=sys.stderr)
+        return 2
+    client = Client(args.server, read_token(args.token, args.token_file), timeout=args.timeout, wire=args.wire,
+                    encoding=args.encoding)  # fmt: skip
     try:
         if args.action in ("list", "remove"):
             out = client.identities() if args.action == "list" else client.remove(args.name)
@@ -331,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             except CheckpointError as exc:
                 print(f"ppfr client: {exc}", file=sys.stderr)
                 return 2
+            client.spec = method.payload_spec
             size = getattr(method.options, "image_size", 112)
             paths = args.images if args.action == "enrol" else [args.image]
             try:

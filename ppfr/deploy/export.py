@@ -298,15 +298,7 @@ def export_onnx(method: Method, path: str | Path, *, part: str = "server", opset
     return path
 
 
-def read_onnx_metadata(path: str | Path) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file as a dict (weights are not loaded)."""
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # a truncated or foreign file
-        raise ValueError(f"cannot read {path} as ONNX: {type(exc).__name__}: {exc}") from None
-    return {p.key: p.value for p in model.metadata_props}
+read_onnx_metadata = meta.read_onnx_metadata  # re-exported: part of this module's API
 
 
 def has_discontinuous_client(method: Method) -> bool:
@@ -329,9 +321,9 @@ def check_parity(method: Method, onnx_path: str | Path, batch_sizes: tuple[int, 
     """
     if metric not in ("max", "mismatch"):
         raise ValueError(f"metric must be max or mismatch, got {metric!r}")
-    from ppfr.deploy.runner import _OrtSession, l2_normalize
+    from ppfr.deploy.meta import l2_normalize
 
-    sess = _OrtSession(onnx_path, providers=["CPUExecutionProvider"], threads=threads)
+    sess = meta.OrtSession(onnx_path, providers=["CPUExecutionProvider"], threads=threads)
     method.eval()
     graph = ServerGraph(method) if part == "server" else ClientGraph(method)
     result = {}

@@ -1,4 +1,8 @@
-"""Metadata shared by exported graphs, engines and runners: the input spec as JSON, the metadata keys, digests.
+"""Metadata shared by exported graphs, engines and runners: the input spec as JSON, the metadata keys, digests,
+reading an ONNX file's metadata and opening it in ONNX Runtime.
+
+The bottom of ``ppfr.deploy``'s imports, which go one way: ``runner`` -> ``export`` -> ``tensorrt`` -> ``meta``
+(``runner`` -> ``triton`` -> ``tensorrt``, ``meta``). What two of them share lives here, never in the higher one.
 
 Every exported artefact says what it is without the Python model: an ONNX file carries ``metadata_props``, a
 TensorRT engine a sidecar ``<engine>.json``, both with the same keys (:data:`KEYS`):
@@ -26,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ppfr._backend import BackendUnavailableError
 from ppfr.methods.base import TensorSpec
 
 KEYS = ("ppfr_version", "ppfr_method", "ppfr_part", "ppfr_input_spec", "ppfr_output", "ppfr_opset", "ppfr_source",
@@ -109,3 +114,56 @@ def check_metadata(meta: dict[str, str], where: str) -> None:
                          "(or ppfr.deploy.export.export_onnx)")  # fmt: skip
     if meta["ppfr_part"] not in PARTS:
         raise ValueError(f"{where}: ppfr_part must be one of {PARTS}, got {meta['ppfr_part']!r}")
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """(B, D) -> (B, D) float32 rows of unit norm (an all-zero row stays zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file as a dict (weights are not loaded)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise ValueError(f"cannot read {path} as ONNX: {type(exc).__name__}: {exc}") from None
+    return {p.key: p.value for p in model.metadata_props}
+
+
+class OrtSession:
+    """An ONNX Runtime session over a ppfr export, with its metadata (shared by the runners and export's parity
+    check)."""
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"onnxruntime is not installed ({exc}); `pip install onnxruntime==1.31.1`") from None
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no ONNX file at {path}")
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        avail = ort.get_available_providers()
+        if providers is None:  # GPU first when this onnxruntime build has it; never the Azure (remote) provider
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as exc:  # a corrupt or non-ONNX file: ORT raises its own Fail/InvalidProtobuf types
+            raise ValueError(f"cannot load {path} with onnxruntime: {type(exc).__name__}: {exc}") from None
+        self.meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        check_metadata(self.meta, str(path))
+        self.input_spec = spec_from_json(self.meta["ppfr_input_spec"])
+        self.outputs = outputs_from_json(self.meta["ppfr_output"])
+        names = [i.name for i in self.session.get_inputs()]
+        if names != list(self.input_spec):
+            raise ValueError(f"{path}: graph inputs {names} do not match its ppfr_input_spec {list(self.input_spec)}")
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))  # ORT run is thread-safe

@@ -50,7 +50,7 @@ from ppfr._backend import BackendUnavailableError
 from ppfr.deploy import meta
 from ppfr.methods.base import TensorSpec
 
-RUNNER_BACKENDS = ("auto", "eager", "onnxruntime", "tensorrt")
+RUNNER_BACKENDS = ("auto", "eager", "onnxruntime", "tensorrt", "triton")
 ENGINE_SUFFIXES = (".engine", ".plan")
 
 
@@ -96,10 +96,7 @@ def validate_inputs(spec: dict[str, TensorSpec], inputs: dict[str, Any], where: 
     return batch
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """(B, D) -> (B, D) float32 rows of unit norm (an all-zero row stays zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+l2_normalize = meta.l2_normalize  # re-exported: ppfr.deploy.runner.l2_normalize is public
 
 
 # --------------------------------------------------------------------------------------------------- runners
@@ -162,39 +159,7 @@ class EagerRunner(Runner):
             return self._method.recognize(Payload(self.method, tensors)).float().cpu().numpy()
 
 
-class _OrtSession:
-    """An ONNX Runtime session over a ppfr export, with its metadata (shared by server and client runners)."""
-
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise BackendUnavailableError(
-                f"onnxruntime is not installed ({exc}); `pip install onnxruntime==1.31.1`") from None
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no ONNX file at {path}")
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = int(threads)
-        avail = ort.get_available_providers()
-        if providers is None:  # GPU first when this onnxruntime build has it; never the Azure (remote) provider
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in avail]
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=providers)
-        except Exception as exc:  # a corrupt or non-ONNX file: ORT raises its own Fail/InvalidProtobuf types
-            raise ValueError(f"cannot load {path} with onnxruntime: {type(exc).__name__}: {exc}") from None
-        self.meta = dict(self.session.get_modelmeta().custom_metadata_map)
-        meta.check_metadata(self.meta, str(path))
-        self.input_spec = meta.spec_from_json(self.meta["ppfr_input_spec"])
-        self.outputs = meta.outputs_from_json(self.meta["ppfr_output"])
-        names = [i.name for i in self.session.get_inputs()]
-        if names != list(self.input_spec):
-            raise ValueError(f"{path}: graph inputs {names} do not match its ppfr_input_spec {list(self.input_spec)}")
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))  # ORT run is thread-safe
+_OrtSession = meta.OrtSession  # the class itself (tests patch its __init__)
 
 
 class OnnxRuntimeRunner(Runner):
@@ -262,6 +227,74 @@ class ClientRunner:
         return f"ClientRunner(backend={self.backend!r}, method={self.method!r}, source={self.source!r})"
 
 
+class TritonRunner(Runner):
+    """Inference delegated to a Triton Inference Server over gRPC (``tritonclient.grpc``), serving a model repository
+    written by ``ppfr export --format triton``: ``TritonRunner("triton://host:8001/partialface_server")``.
+
+    The method, input spec and batch limit are read from the model's config (the ppfr ``parameters`` that
+    ``write_triton_model`` stores), so nothing but the URL is needed; without a model name the repository's one ppfr
+    server model is used. Triton batches on its side too (``dynamic_batching``); the raw embedding it returns is
+    L2-normalised here like every runner's. ``client``: an ``InferenceServerClient`` (tests pass a stand-in).
+    """
+
+    backend = "triton"
+
+    def __init__(self, url: str, client: Any = None, timeout: float = 30.0, grpc: Any = None) -> None:
+        from ppfr.deploy.triton import config_spec, parse_triton_url
+
+        address, model = parse_triton_url(url)
+        if grpc is None:
+            try:
+                import tritonclient.grpc as grpc
+            except ImportError as exc:
+                raise BackendUnavailableError(f"tritonclient is not installed ({exc}); "
+                                              "`pip install tritonclient[grpc]`") from None  # fmt: skip
+        self._grpc, self.timeout, self.source = grpc, timeout, url
+        self._client = client if client is not None else grpc.InferenceServerClient(url=address)
+        if model is None:
+            model = self._only_server_model(url)
+        try:
+            ready = self._client.is_model_ready(model)
+        except Exception as exc:  # InferenceServerException: unreachable server, unknown model
+            raise RuntimeError(f"Triton at {address}: {exc}") from None
+        if not ready:
+            raise RuntimeError(f"Triton at {address}: model {model!r} is not ready (loaded?)")
+        info = config_spec(self._client.get_model_config(model).config)
+        if info["part"] != "server":
+            raise ValueError(f"Triton model {model!r} is a {info['part']} graph, not a server graph")
+        if meta.EMBEDDING not in info["outputs"]:
+            raise ValueError(f"Triton model {model!r} has no {meta.EMBEDDING!r} output")
+        self.model, self.method, self.input_spec = model, info["method"], info["input_spec"]
+        self.embedding_size = int(info["outputs"][meta.EMBEDDING][0])
+        self.max_batch_size = info["max_batch_size"]
+
+    def _only_server_model(self, url: str) -> str:
+        from ppfr.deploy.triton import config_spec
+
+        names = [m.name for m in self._client.get_model_repository_index().models]
+        servers = []
+        for n in names:
+            try:
+                if config_spec(self._client.get_model_config(n).config)["part"] == "server":
+                    servers.append(n)
+            except ValueError:  # not a ppfr model
+                continue
+        if len(servers) != 1:
+            raise ValueError(f"{url}: name the model (triton://host:port/MODEL); ppfr server models in the "
+                             f"repository: {servers or 'none'}")  # fmt: skip
+        return servers[0]
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        from ppfr.deploy.triton import infer_request
+
+        reqs, outs = infer_request(self._grpc, self.input_spec, inputs, [meta.EMBEDDING])
+        result = self._client.infer(self.model, reqs, outputs=outs, client_timeout=self.timeout)
+        emb = result.as_numpy(meta.EMBEDDING)
+        if emb is None:
+            raise RuntimeError(f"Triton model {self.model!r} returned no {meta.EMBEDDING!r}")
+        return np.asarray(emb, dtype=np.float32)
+
+
 # --------------------------------------------------------------------------------------------------- loading
 def _onnxruntime_reason() -> str | None:
     try:
@@ -306,7 +339,7 @@ def _matching(path: Path, digest: str, engine: bool) -> bool:
             from ppfr.deploy.tensorrt import read_sidecar
 
             return read_sidecar(path).get("ppfr_source_sha256") == digest
-        from ppfr.deploy.export import read_onnx_metadata
+        from ppfr.deploy.meta import read_onnx_metadata
 
         return read_onnx_metadata(path).get("ppfr_source_sha256") == digest
     except (ValueError, OSError):
@@ -415,8 +448,9 @@ def load_runner(path: str | Path, backend: str = "auto", *, device: str | None =
     """Load the server side of a model on a backend (see the module docstring for ``path`` and ``auto``).
 
     Args:
-        path: model.pt, ``method:NAME[:k=v,...]``, .onnx, or .engine/.plan.
-        backend: "auto" | "eager" | "onnxruntime" | "tensorrt".
+        path: model.pt, ``method:NAME[:k=v,...]``, .onnx, .engine/.plan, or ``triton://host:port[/model]`` (a
+            Triton Inference Server serving a ``ppfr export --format triton`` repository).
+        backend: "auto" | "eager" | "onnxruntime" | "tensorrt" | "triton" (auto picks triton for a triton:// URL).
         device: eager only (default: CPU).
         providers: onnxruntime providers (default: CUDA if available, then CPU).
         threads: onnxruntime intra-op threads (default: ORT's choice).
@@ -425,6 +459,11 @@ def load_runner(path: str | Path, backend: str = "auto", *, device: str | None =
         BackendUnavailableError (the backend cannot run here; the message says what is missing),
         ppfr.models.checkpoints.CheckpointError (an unreadable or foreign checkpoint).
     """
+    if str(path).startswith(("triton://", "triton+grpc://")) or backend == "triton":
+        if backend not in ("auto", "triton") or not str(path).startswith(("triton://", "triton+grpc://")):
+            raise ValueError(f"a Triton runner takes triton://host:port[/model] with backend auto or triton, got "
+                             f"{path!r} with backend {backend!r}")  # fmt: skip
+        return TritonRunner(str(path))
     be, target = _resolve(path, backend, "server")
     if be == "tensorrt":
         return TensorRTRunner(target)

@@ -1,10 +1,14 @@
 """``ppfr serve``: the recognition server. Clients send protected payloads, never images; the server embeds them with
 an exported or eager runner and enrols / verifies / identifies against a persistent gallery.
 
-Stdlib only (``http.server.ThreadingHTTPServer``): the server's cost is the model, not HTTP parsing, and no web
-framework is needed for five JSON endpoints.
+This module holds what both HTTP stacks share, ``RecognitionService`` (auth, body parsing, payload checks, the
+batching worker), the stdlib stack (``RecognitionServer``: ``http.server.ThreadingHTTPServer``, dependency-free,
+one process; ``ppfr serve --http stdlib``) and the CLI. The default stack, FastAPI + uvicorn with ``--workers``,
+is ``ppfr.deploy.app`` over the same service.
 
-Endpoints (JSON; the payload wire format is in ``ppfr.deploy.client``)::
+Endpoints (answers are JSON; request bodies are the binary wire format of ``ppfr.deploy.wire``,
+``application/x-ppfr``, whose header carries the fields below next to the payload, or the older JSON of
+``ppfr.deploy.client``)::
 
     GET  /health                                    no auth; {"status": "ok"} (503 "draining" while stopping)
     GET  /v1/info                                   method, payload spec, backend, embedding size, limits, gallery size
@@ -58,6 +62,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from ppfr.deploy import wire
 from ppfr.deploy.client import WireError, decode_payload, read_token
 from ppfr.deploy.gallery import Gallery, GalleryError, check_name
 
@@ -138,6 +143,7 @@ class _Job:
     error: RequestError | None = None
     done: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    on_done: Any = None  # called (from the worker thread) once the job is answered: wakes an asyncio waiter
 
     def _leave_pending(self, state: str) -> bool:
         """Atomically move a pending job to ``state``; False if the worker or the requester got there first."""
@@ -156,6 +162,14 @@ class _Job:
     def finish(self, result: dict | None = None, error: RequestError | None = None) -> None:
         self.result, self.error = result, error
         self.done.set()
+        if self.on_done is not None:
+            self.on_done()
+
+    def answer(self) -> dict:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
 
 
 class BatchingWorker:
@@ -173,8 +187,7 @@ class BatchingWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: _Job) -> dict:
-        """Queue ``job`` and wait for its answer; RequestError on overload, timeout or failure."""
+    def _enqueue(self, job: _Job) -> None:
         if self._closing.is_set():
             raise RequestError(503, "server is shutting down", {"Retry-After": "1"})
         try:
@@ -182,15 +195,42 @@ class BatchingWorker:
         except queue.Full:
             raise RequestError(503, f"server busy: {self.config.queue_size} requests queued; retry later",
                                {"Retry-After": "1"}) from None  # fmt: skip
+
+    def _timed_out(self) -> RequestError:
+        return RequestError(503, f"request waited {self.config.request_timeout:.0f} s in the queue; retry later",
+                            {"Retry-After": "1"})  # fmt: skip
+
+    def submit(self, job: _Job) -> dict:
+        """Queue ``job`` and wait for its answer; RequestError on overload, timeout or failure."""
+        self._enqueue(job)
         if not job.done.wait(self.config.request_timeout):
             if job.cancel():  # still queued: it will be skipped, nothing happens
-                raise RequestError(503, f"request waited {self.config.request_timeout:.0f} s in the queue; retry later",
-                                   {"Retry-After": "1"})  # fmt: skip
+                raise self._timed_out()
             job.done.wait()  # already being processed: the answer is moments away
-        if job.error is not None:
-            raise job.error
-        assert job.result is not None
-        return job.result
+        return job.answer()
+
+    async def submit_async(self, job: _Job) -> dict:
+        """``submit`` for an asyncio caller: waits on a future instead of holding a thread per queued request."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(woken.set)
+            except RuntimeError:  # the loop is gone (server stopped): nobody is waiting any more
+                pass
+
+        job.on_done = wake
+        self._enqueue(job)
+        try:
+            await asyncio.wait_for(woken.wait(), self.config.request_timeout)
+        except asyncio.TimeoutError:
+            if job.cancel():
+                raise self._timed_out() from None
+            await woken.wait()
+        return job.answer()
 
     def stop(self, timeout: float | None = None) -> None:
         """Refuse new jobs, answer every queued one, then end the thread."""
@@ -407,15 +447,42 @@ class RecognitionService:
         return hmac.compare_digest(value.strip().encode("utf-8"), self._token)
 
     # ---------------------------------------------------------------------------------------------- checks
+    def parse_body(self, data: bytes, content_type: str | None) -> Any:
+        """A request body -> the endpoint's fields as a dict (``payload``: a JSON wire object or a DecodedPayload),
+        or RequestError: 400 for an image or a malformed body, 415 for another content type."""
+        ctype = (content_type or "").split(";")[0].strip().lower()
+        if ctype.startswith("image/") or data.startswith(_IMAGE_MAGIC):
+            raise RequestError(400, f"an image was sent where a protected {self.runner.method} payload is expected: "
+                                    "the server never accepts images; protect on the client (ppfr client, or "
+                                    "method.protect + ppfr.deploy.client.Client)")  # fmt: skip
+        if ctype == wire.CONTENT_TYPE or (not ctype and wire.is_message(data)):
+            try:
+                method, version, tensors, fields = wire.decode_message(data)
+            except WireError as exc:
+                raise RequestError(400, f"malformed payload: {exc}") from None
+            if "payload" in fields:
+                raise RequestError(400, "fields must not hold 'payload' (the tensors are the payload)")
+            return {**fields, "payload": DecodedPayload(method, version, tensors)}
+        if ctype and ctype != "application/json":
+            raise RequestError(415, f"Content-Type must be application/json or {wire.CONTENT_TYPE}, got {ctype}")
+        try:
+            return json.loads(data, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, NaN/Infinity, deep nesting
+            raise RequestError(400, f"malformed JSON: {str(exc)[:200]}") from None
+
     def check_payload(self, obj: Any, single: bool) -> tuple[dict[str, np.ndarray], int]:
-        """A wire payload -> (inputs for runner.run, batch size), or RequestError(400) saying what is wrong."""
+        """A payload (a JSON wire object or a DecodedPayload of the binary format) -> (inputs for runner.run, batch
+        size), or RequestError(400) saying what is wrong."""
         method_name = self.runner.method
         if obj is None:
             raise RequestError(400, f"missing 'payload': send a protected {method_name} payload (see ppfr client)")
-        try:
-            method, version, tensors = decode_payload(obj)
-        except WireError as exc:
-            raise RequestError(400, f"malformed payload: {exc}") from None
+        if isinstance(obj, DecodedPayload):
+            method, version, tensors = obj
+        else:
+            try:
+                method, version, tensors = decode_payload(obj)
+            except WireError as exc:
+                raise RequestError(400, f"malformed payload: {exc}") from None
         if method != method_name:
             raise RequestError(400, f"payload is for method {method!r}, this server runs {method_name!r}")
         if version != self.schema_version:
@@ -473,7 +540,13 @@ class RecognitionService:
 
     # -------------------------------------------------------------------------------------------- endpoints
     def handle(self, path: str, body: Any) -> dict:
-        """Answer an authorised, parsed request to ``path`` (RequestError otherwise)."""
+        """Answer an authorised, parsed request to ``path`` (RequestError otherwise); blocks for queued work."""
+        out = self.prepare(path, body)
+        return self.worker.submit(out) if isinstance(out, _Job) else out
+
+    def prepare(self, path: str, body: Any) -> dict | _Job:
+        """Check an authorised, parsed request to ``path``: the answer of an endpoint that needs no inference, or
+        the validated job to submit to the worker (RequestError if the request is refused)."""
         if path == "/health":
             if self.draining:
                 raise RequestError(503, "draining")
@@ -486,21 +559,21 @@ class RecognitionService:
             b = self._fields(body, {"name", "payload"})
             name = self._name(b)
             inputs, n = self.check_payload(b["payload"], single=False)
-            return self.worker.submit(_Job("enrol", inputs, n, name=name))
+            return _Job("enrol", inputs, n, name=name)
         if path == "/v1/verify":
             b = self._fields(body, {"name", "payload"})
             name = self._name(b)
             inputs, n = self.check_payload(b["payload"], single=True)
             if name not in self.gallery:  # before inference: an unknown name costs nothing
                 raise RequestError(404, f"identity {name!r} is not enrolled")
-            return self.worker.submit(_Job("verify", inputs, n, name=name))
+            return _Job("verify", inputs, n, name=name)
         if path == "/v1/identify":
             b = self._fields(body, {"payload"}, {"top_k"})
             top_k = b.get("top_k", 5)
             if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
                 raise RequestError(400, f"top_k must be an integer in 1..{MAX_TOP_K}, got {top_k!r}")
             inputs, n = self.check_payload(b["payload"], single=True)
-            return self.worker.submit(_Job("identify", inputs, n, top_k=top_k))
+            return _Job("identify", inputs, n, top_k=top_k)
         if path == "/v1/remove":
             name = self._name(self._fields(body, {"name"}))
             try:
@@ -634,7 +707,7 @@ class _Handler(BaseHTTPRequestHandler):
                                    {"WWW-Authenticate": 'Bearer realm="ppfr"'})  # fmt: skip
             if route[1]:
                 self.state.authed = True  # from now on this connection is never evicted
-            body = self._read_json() if verb == "POST" else None
+            body = self._read_body() if verb == "POST" else None
             status, answer, headers = 200, service.handle(path, body), {}
         except RequestError as exc:
             status, answer, headers = exc.status, {"error": exc.message}, exc.headers
@@ -696,7 +769,7 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def _read_json(self) -> Any:
+    def _read_body(self) -> Any:
         limit = self.server.service.config.max_request_bytes
         if self.headers.get("Transfer-Encoding"):
             raise RequestError(411, "send the body with a Content-Length (chunked transfer is not accepted)")
@@ -717,17 +790,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._unread = 0 if len(data) == n else None
         if len(data) != n:
             raise RequestError(400, f"request body ended after {len(data)} of {n} bytes")
-        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if ctype.startswith("image/") or data.startswith(_IMAGE_MAGIC):
-            raise RequestError(400, f"an image was sent where a protected {self.server.service.runner.method} "
-                                    "payload is expected: the server never accepts images; protect on the client "
-                                    "(ppfr client, or method.protect + ppfr.deploy.client.encode_payload)")  # fmt: skip
-        if ctype and ctype != "application/json":
-            raise RequestError(415, f"Content-Type must be application/json, got {ctype}")
-        try:
-            return json.loads(data, parse_constant=_refuse_constant)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, NaN/Infinity, deep nesting
-            raise RequestError(400, f"malformed JSON: {str(exc)[:200]}") from None
+        return self.server.service.parse_body(data, self.headers.get("Content-Type"))
 
     def _send(self, status: int, answer: dict, headers: dict[str, str]) -> None:
         data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
@@ -746,6 +809,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except OSError:  # the client went away (or stopped reading, or was evicted): nothing to answer
             self.close_connection = True
+
+
+class DecodedPayload(tuple):
+    """(method, schema_version, {name: array}) of a binary wire message, decoded by ``RecognitionService.parse_body``
+    (a tuple subclass, so that it is told apart from a JSON wire object)."""
+
+    __slots__ = ()
+
+    def __new__(cls, method: str, version: int, tensors: dict[str, np.ndarray]) -> DecodedPayload:
+        return super().__new__(cls, (method, version, tensors))
 
 
 def _refuse_constant(name: str) -> Any:
@@ -880,14 +953,23 @@ class _HTTPServer(ThreadingHTTPServer):
         return True
 
 
+def open_server_gallery(uri: str | Path, runner: Any, index: str = "flat") -> Any:
+    """The gallery at ``uri`` for ``runner``'s method and embedding size (``ppfr.deploy.gallery.open_gallery``:
+    ``sqlite://``, a folder, ``qdrant://``; shareable by several worker processes). ``index``: the SQLite store's
+    vector index, ``flat`` (exact) or ``hnsw`` (approximate, see docs/deploy.md for its recall)."""
+    from ppfr.deploy.gallery import open_gallery
+
+    return open_gallery(uri, runner.method, runner.embedding_size, index=index)
+
+
 class RecognitionServer:
     """The HTTP server around a RecognitionService. ``start()`` serves from a background thread (tests, embedding);
     ``serve_forever()`` from the calling one (the CLI); ``close()`` is the graceful shutdown."""
 
     def __init__(self, runner: Any, gallery: Gallery | str | Path, token: str, host: str = "127.0.0.1",
                  port: int = 0, config: ServeConfig | None = None) -> None:  # fmt: skip
-        if not isinstance(gallery, Gallery):
-            gallery = Gallery.open(gallery, runner.method, runner.embedding_size)
+        if isinstance(gallery, (str, Path)):
+            gallery = open_server_gallery(gallery, runner)
         try:
             self.service = RecognitionService(runner, gallery, token, config)
             self.httpd = _HTTPServer((host, port), self.service)
@@ -906,6 +988,11 @@ class RecognitionServer:
     def url(self) -> str:
         host, port = self.address
         return f"http://{host}:{port}"
+
+    def connection_count(self) -> int:
+        """Connections holding a slot now (the slowloris tests watch it)."""
+        with self.httpd._conns_lock:
+            return sum(not st.evicted for st in self.httpd._conns.values())
 
     def start(self) -> RecognitionServer:
         self.service.start()
@@ -955,15 +1042,30 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="ppfr serve", description="serve a trained or exported method over HTTP")
-    ap.add_argument("model", help="model.pt, method:NAME, or an exported .onnx / .engine (ppfr export); "
-                                  "--backend auto runs the fastest available (docs/deploy.md)")
-    ap.add_argument("--gallery", required=True, help="folder of the enrolled-identity gallery (created if absent)")
+    ap.add_argument("model", nargs="?", default=None,
+                    help="model.pt, method:NAME, or an exported .onnx / .engine (ppfr export); --backend auto runs "
+                         "the fastest available (docs/deploy.md)")
+    ap.add_argument("--runner", default=None, metavar="triton://HOST:PORT[/MODEL]",
+                    help="instead of MODEL: delegate inference to a Triton Inference Server (gRPC) serving a "
+                         "`ppfr export --format triton` repository")
+    ap.add_argument("--gallery", required=True,
+                    help="the enrolled-identity gallery, created if absent: a folder or sqlite:///path/gallery.db "
+                         "(several workers / servers of one host share it), or qdrant://host:port/collection")
+    ap.add_argument("--gallery-index", choices=("flat", "hnsw"), default="flat",
+                    help="the SQLite gallery's vector index: flat (exact, default) or hnsw (approximate, faster "
+                         "identify on large galleries)")
     ap.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default loopback; there is no TLS: put a TLS proxy in front otherwise)")
     ap.add_argument("--port", type=int, default=8080, help="0 = any free port (printed at start)")
     ap.add_argument("--token", default=None, help="access token (visible in the process list; prefer --token-file)")
     ap.add_argument("--token-file", default=None, help="file whose first line is the access token")
-    ap.add_argument("--backend", default="auto", choices=["auto", "eager", "onnxruntime", "tensorrt"])
+    ap.add_argument("--backend", default="auto", choices=["auto", "eager", "onnxruntime", "tensorrt", "triton"])
+    ap.add_argument("--http", default="asgi", choices=["asgi", "stdlib"],
+                    help="asgi: FastAPI + uvicorn (OpenAPI at /docs, --workers); stdlib: the dependency-free "
+                         "ThreadingHTTPServer (one process)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="asgi: worker processes, each with its own model copy and batching worker, sharing the "
+                         "port and the gallery (which must then be sqlite / a folder, or qdrant)")
     ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                     help="cosine similarity for a match (calibrate on your validation pairs)")
     ap.add_argument("--max-batch", type=int, default=32, help="samples per inference call")
@@ -971,7 +1073,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queue-size", type=int, default=256, help="queued requests before answering 503")
     ap.add_argument("--max-request-bytes", type=int, default=None,
                     help="largest request body (default: 16 payload samples + 64 KiB)")
-    ap.add_argument("--max-connections", type=int, default=128)
+    ap.add_argument("--max-connections", type=int, default=128, help="connection slots (per worker process)")
     ap.add_argument("--max-connections-per-peer", type=int, default=None,
                     help="connections from one client address (default: no cap; leave it off behind a proxy)")
     ap.add_argument("--read-timeout", type=float, default=30.0,
@@ -980,12 +1082,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds a keep-alive connection may wait for its next request (0: no limit)")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = ap.parse_args(argv)
+    if (args.model is None) == (args.runner is None):
+        ap.error("give MODEL or --runner triton://HOST:PORT[/MODEL] (exactly one)")
+    if args.runner is not None:
+        args.model = args.runner
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = read_token(args.token, args.token_file)
     if args.token:
         log.warning("--token is visible to other users in the process list; prefer --token-file")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: traffic (payloads and the token) is plain HTTP; terminate TLS in front", args.host)
+    if args.workers < 1 or (args.workers > 1 and args.http != "asgi"):
+        print("ppfr serve: --workers must be >= 1, and > 1 needs --http asgi", file=sys.stderr)
+        return 2
 
     from ppfr.deploy.runner import load_runner
 
@@ -995,11 +1104,18 @@ def main(argv: list[str] | None = None) -> int:
                              max_connections=args.max_connections,
                              max_connections_per_peer=args.max_connections_per_peer,
                              read_timeout=args.read_timeout, idle_timeout=args.idle_timeout)  # fmt: skip
-        runner = load_runner(args.model, backend=args.backend)
-        server = RecognitionServer(runner, args.gallery, token, args.host, args.port, config)
+        runner = load_runner(args.model, backend=args.backend)  # in this process too: errors before binding
+        if args.http == "stdlib":
+            return _serve_stdlib(args, runner, token, config)
+        return _serve_asgi(args, runner, token, config)
     except (ValueError, GalleryError, OSError, RuntimeError) as exc:
         print(f"ppfr serve: {exc}", file=sys.stderr)
         return 2
+
+
+def _serve_stdlib(args: Any, runner: Any, token: str, config: ServeConfig) -> int:
+    server = RecognitionServer(runner, open_server_gallery(args.gallery, runner, args.gallery_index), token,
+                               args.host, args.port, config)  # fmt: skip
     g = server.service.gallery
     print(f"ppfr serve: {runner.method} on {runner.backend}, gallery {args.gallery} ({len(g)} identities, "
           f"{g.num_embeddings} embeddings), listening on {server.url}", flush=True)  # fmt: skip
@@ -1014,6 +1130,57 @@ def main(argv: list[str] | None = None) -> int:
         server.serve_forever()
     finally:
         server.close()
+    print("ppfr serve: stopped", flush=True)
+    return 0
+
+
+def _serve_asgi(args: Any, runner: Any, token: str, config: ServeConfig) -> int:
+    """uvicorn: in this process (--workers 1), or N spawned worker processes sharing one listening socket. uvicorn
+    handles SIGTERM / SIGINT: stop accepting, finish in-flight requests, then each process drains its worker."""
+    import os
+
+    from ppfr.deploy import app as app_module
+
+    gallery = open_server_gallery(args.gallery, runner, args.gallery_index)
+    try:
+        desc = f"{len(gallery)} identities, {gallery.num_embeddings} embeddings"
+        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+        sock.listen(2048)
+        sock.set_inheritable(True)  # the spawned workers accept on it
+    except BaseException:
+        gallery.close()
+        raise
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    what = f"{runner.method} on {runner.backend}"
+    if args.workers == 1:
+        service = RecognitionService(runner, gallery, token, config)
+        guard = app_module.ConnectionGuard(service.config, service.authorized)
+        protocol = type("GuardedH11Protocol", (app_module.GuardedH11Protocol,), {"guard": guard})
+        uv = app_module.uvicorn_config(app_module.create_app(service), service.config, protocol,
+                                       log_level=args.log_level)  # fmt: skip
+        print(f"ppfr serve: {what}, gallery {args.gallery} ({desc}), asgi, listening "
+              f"on {url}", flush=True)  # fmt: skip
+        app_module.UvicornServer(uv).run(sockets=[sock])
+    else:
+        gallery.close()  # each worker opens its own
+        del runner
+        os.environ[app_module.SPEC_ENV] = json.dumps({"model": args.model, "backend": args.backend,
+                                                      "gallery": str(args.gallery),
+                                                      "gallery_index": args.gallery_index,
+                                                      "config": dataclasses.asdict(config)})  # fmt: skip
+        os.environ["PPFR_TOKEN"] = token  # inherited by the workers only (not in their command line)
+        from uvicorn.supervisors import Multiprocess
+
+        uv = app_module.uvicorn_config("ppfr.deploy.app:app_from_env", config,
+                                       "ppfr.deploy.app:GuardedH11Protocol", workers=args.workers,
+                                       log_level=args.log_level, factory=True)  # fmt: skip
+        print(f"ppfr serve: {what}, gallery {args.gallery} ({desc}), asgi, "
+              f"{args.workers} workers, listening on {url}", flush=True)  # fmt: skip
+        Multiprocess(uv, sockets=[sock]).run()
+    sock.close()
     print("ppfr serve: stopped", flush=True)
     return 0
 

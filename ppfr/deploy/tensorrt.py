@@ -123,9 +123,7 @@ def build_engine(onnx_path: str | Path, out_path: str | Path, fp16: bool = False
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     if not onnx_path.is_file():
         raise FileNotFoundError(f"no ONNX file at {onnx_path}")
-    from ppfr.deploy.export import read_onnx_metadata
-
-    props = read_onnx_metadata(onnx_path)
+    props = meta.read_onnx_metadata(onnx_path)
     meta.check_metadata(props, str(onnx_path))
     trt = _import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)

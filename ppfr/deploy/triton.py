@@ -41,9 +41,7 @@ def _dims(shape: tuple[int, ...] | list[int]) -> str:
 
 def _metadata(model_file: Path) -> dict[str, Any]:
     if model_file.suffix == ".onnx":
-        from ppfr.deploy.export import read_onnx_metadata
-
-        props: dict[str, Any] = read_onnx_metadata(model_file)
+        props: dict[str, Any] = meta.read_onnx_metadata(model_file)
         meta.check_metadata(props, str(model_file))
         return props
     from ppfr.deploy.tensorrt import read_sidecar
@@ -122,3 +120,56 @@ def write_triton_model(model_file: str | Path, repo: str | Path, model_name: str
     (model_dir / "config.pbtxt").write_text(text)
     (model_dir / "ppfr_metadata.json").write_text(json.dumps({k: props.get(k) for k in meta.KEYS}, indent=1))
     return model_dir
+
+
+# ------------------------------------------------------------------------------- serving through Triton
+# numpy / ppfr dtype names -> Triton's wire datatypes (the KServe v2 names the gRPC client takes)
+TRITON_DATATYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
+                    "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}  # fmt: skip
+TRITON_SCHEMES = ("triton", "triton+grpc")
+
+
+def parse_triton_url(url: str) -> tuple[str, str | None]:
+    """``triton://host:port[/model]`` -> ("host:port", model or None); ValueError for anything else."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in TRITON_SCHEMES or not parts.hostname:
+        raise ValueError(f"expected triton://host:port[/model], got {url!r}")
+    model = parts.path.strip("/") or None
+    if model is not None and not _NAME.match(model):
+        raise ValueError(f"{url}: model name {model!r} must match {_NAME.pattern}")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{parts.port or 8001}", model  # 8001: Triton's gRPC port
+
+
+def config_spec(config: Any) -> dict[str, Any]:
+    """What a runner needs from a Triton ``ModelConfig`` protobuf that ``write_triton_model`` wrote: its name, the
+    ppfr method and part, the input spec (per-sample), the outputs and ``max_batch_size``. ValueError if the model
+    carries no ppfr metadata (not exported by ppfr) or does not batch."""
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    props = {**params, "ppfr_part": params.get("ppfr_part", "")}
+    meta.check_metadata(props, f"Triton model {config.name!r}")
+    if config.max_batch_size < 1:
+        raise ValueError(f"Triton model {config.name!r} has max_batch_size {config.max_batch_size}: ppfr exports "
+                         "batch (re-export with ppfr export --format triton)")  # fmt: skip
+    spec = meta.spec_from_json(props["ppfr_input_spec"])
+    declared = [i.name for i in config.input]
+    if declared != list(spec):
+        raise ValueError(f"Triton model {config.name!r}: inputs {declared} do not match its ppfr_input_spec "
+                         f"{list(spec)}")  # fmt: skip
+    return {"name": config.name, "method": props["ppfr_method"], "part": props["ppfr_part"], "input_spec": spec,
+            "outputs": meta.outputs_from_json(props["ppfr_output"]), "max_batch_size": int(config.max_batch_size)}
+
+
+def infer_request(grpc: Any, input_spec: dict[str, Any], inputs: dict[str, Any],
+                  outputs: list[str]) -> tuple[list[Any], list[Any]]:  # fmt: skip
+    """Validated payload arrays (B, *per-sample shape), in the spec's order -> (``InferInput`` list, ``InferRequested
+    Output`` list) of ``grpc`` (the ``tritonclient.grpc`` module, or a stand-in with the same two classes)."""
+    reqs = []
+    for name, s in input_spec.items():
+        a = inputs[name]
+        inp = grpc.InferInput(name, [int(d) for d in a.shape], TRITON_DATATYPES[meta.dtype_name(s.dtype)])
+        inp.set_data_from_numpy(a)
+        reqs.append(inp)
+    return reqs, [grpc.InferRequestedOutput(o) for o in outputs]
