@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -626,10 +627,15 @@ def test_cli_eval_labels_protocol_and_flip(tmp_path, capsys, monkeypatch):
         m = json.loads((out / "metrics.json").read_text())
         v, j = m["verification"], m["ijb"]
         assert v["protocol"] == "quick" and v["protocol_label"].startswith("quick 10-fold")
-        assert v["protocol_label"].endswith("first 10 of 20 pairs only") and v["full_set"] is False
+        assert v["protocol_label"].endswith("10 of 20 pairs only (an even spread)") and v["full_set"] is False
         assert v["flip"] is False and j["flip"] is True and m["ijb_flip"] is True and seen[-1] is True
-        assert "verification [quick 10-fold" in printed and "first 10 of 20 pairs only; flip TTA off]" in printed
+        assert "verification [quick 10-fold" in printed and "10 of 20 pairs only (an even spread); flip TTA off]" in printed
         assert "templates [IJB 1:1" in printed and "; flip TTA on]" in printed
+    # the embedding reports its progress on stderr, ending with every image
+    capsys.readouterr()
+    assert eval_main([str(tmp_path / "judge"), "--data", str(pairs), "--out", str(tmp_path / "p")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"^embedding: (\d+)/\1 images \(\d+ s\)$", err, re.M), err
 
 
 def test_cli_eval_per_rank_rows_and_summary(tmp_path, capsys):
@@ -699,3 +705,30 @@ def test_cli_eval_profacec_rows_per_blur_and_no_flip_by_default(tmp_path, capsys
                       "--max-pairs", "10"]) == 0  # fmt: skip
     m2 = json.loads((out2 / "metrics.json").read_text())
     assert m2["flip"] is True and m2["variants"]["tta"] == "flip TTA on"
+
+
+def test_max_pairs_takes_an_even_spread_with_both_labels(tmp_path):
+    """A pair list grouped by label (LFW's first 300 pairs are genuine): max_pairs must not keep one label only."""
+    from ppfr.data._common import DataFormatError
+    from ppfr.eval.verification import pair_scores
+
+    faces = tmp_path / "f"
+    faces.mkdir()
+    g = torch.Generator().manual_seed(0)
+    names = []
+    for i in range(8):
+        img = (torch.rand(112, 112, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(img).save(faces / f"{i}.png")
+        names.append(f"{i}.png")
+    lines = [f"{k % 2} 1 {names[k]} {names[k + 1]}" for k in range(4)]  # genuine first ...
+    lines += [f"{k % 2} 0 {names[k]} {names[7 - k]}" for k in range(4)]  # ... impostors after
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("\n".join(lines) + "\n")
+
+    def embed(x):
+        return x.flatten(1)[:, :16]
+
+    s = pair_scores(embed, str(pairs), image_root=str(faces), max_pairs=4)
+    assert len(s.same) == 4 and s.same.any() and not s.same.all() and s.listed == 8
+    with pytest.raises(DataFormatError, match="all genuine"):
+        pair_scores(embed, str(pairs), image_root=str(faces), max_pairs=1)

@@ -40,6 +40,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -172,12 +173,27 @@ class _NormMeter:
         return {"mean": float(n.mean()), "min": float(n.min()), "max": float(n.max())}
 
 
-def _verification(embed, args: argparse.Namespace) -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
+def progress_printer(what: str, every_s: float = 5.0, stream: Any = None) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback printing ``what: done/total images (t s)`` to stderr at most every
+    ``every_s`` seconds, and always when done (long embeddings of a pair list show that they are moving)."""
+    t0 = time.perf_counter()
+    last = [t0]
+
+    def report(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done >= total or now - last[0] >= every_s:
+            last[0] = now
+            print(f"{what}: {done}/{total} images ({now - t0:.0f} s)", file=stream or sys.stderr, flush=True)
+
+    return report
+
+
+def _verification(embed, args: argparse.Namespace, what: str = "embedding") -> tuple[dict, tuple[np.ndarray, np.ndarray]]:
     from ppfr.eval.verification import DEFAULT_FPRS, pair_scores, roc_curve, ten_fold, ten_fold_sqdist, tpr_at_fpr
 
     protocol = PROTOCOLS[args.protocol]
     s = pair_scores(embed, args.data, image_root=args.image_root, batch_size=args.batch_size, flip=args.flip,
-                    num_workers=args.workers, max_pairs=args.max_pairs)  # fmt: skip
+                    num_workers=args.workers, max_pairs=args.max_pairs, progress=progress_printer(what))  # fmt: skip
     if protocol == "reference":
         res = ten_fold_sqdist(s.dists, s.same, s.folds)
     else:
@@ -185,7 +201,7 @@ def _verification(embed, args: argparse.Namespace) -> tuple[dict, tuple[np.ndarr
     fpr, tpr, _ = roc_curve(s.sims, s.same)
     neg = int((~s.same).sum())
     full = res.pairs >= s.listed
-    label = PROTOCOL_LABELS[protocol] + ("" if full else f", first {res.pairs} of {s.listed} pairs only")
+    label = PROTOCOL_LABELS[protocol] + ("" if full else f", {res.pairs} of {s.listed} pairs only (an even spread)")
     out = {
         "data": str(args.data), "protocol": protocol, "protocol_label": label, "full_set": full,
         "flip": bool(args.flip), "tta": _tta(args.flip), "pairs": res.pairs, "pairs_listed": s.listed,
@@ -331,14 +347,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             metrics["verification"], curves[label] = _verification(meter, args)
             variants = method_variants(method, args.seed, args.device)
             if variants:
-                rows = {n: _variant_row(metrics["verification"] if f is None else _verification(f, args)[0])
+                rows = {n: _variant_row(metrics["verification"] if f is None else _verification(f, args, n)[0])
                         for n, f in variants.items()}  # fmt: skip
                 metrics["variants"] = _variants_block("variant", f"evaluation variants of {desc['method']}", rows,
                                                       metrics["verification"])  # fmt: skip
             if args.per_rank:
                 secrets = secret_variants(method, args.device)
                 if secrets:
-                    rows = {n: _variant_row(_verification(f, args)[0]) for n, f in secrets.items()}
+                    rows = {n: _variant_row(_verification(f, args, n)[0]) for n, f in secrets.items()}
                     metrics["per_rank"] = _variants_block("rank", "per-rank (each secret pinned for every image)",
                                                           rows, metrics["verification"])  # fmt: skip
                 else:

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ppfr.data._common import DataFormatError
+
 DEFAULT_FPRS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 REFERENCE_THRESHOLDS = np.arange(0, 4, 0.01)  # TFace / insightface verification.py
 
@@ -221,12 +223,14 @@ def open_pairs(data: str, image_root: str | None = None):
 
 @torch.no_grad()
 def embed_source(embed: Callable[[torch.Tensor], torch.Tensor], source, *, batch_size: int = 64, flip: bool = False,
-                 num_workers: int = 0) -> tuple[torch.Tensor, np.ndarray]:  # fmt: skip
+                 num_workers: int = 0,
+                 progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, np.ndarray]:  # fmt: skip
     """Embed every image of ``source`` (in source order) with ``embed(images (B,3,112,112) in [-1,1]) -> (B, D)``.
 
     flip: test-time augmentation of §7.1, ``embed(x) + embed(x.flip(-1))`` (the flip happens on the RGB image,
-    before whatever client transform ``embed`` applies). Returns (L2-normalised embeddings (N, D) float32,
-    ok (N,) bool): rows of images that could not be decoded are zero and ``ok`` is False there.
+    before whatever client transform ``embed`` applies). ``progress(done, total)`` is called after every batch.
+    Returns (L2-normalised embeddings (N, D) float32, ok (N,) bool): rows of images that could not be decoded are
+    zero and ``ok`` is False there.
     """
     from ppfr.data.config import DataConfig
     from ppfr.data.loader import make_loader
@@ -240,6 +244,8 @@ def embed_source(embed: Callable[[torch.Tensor], torch.Tensor], source, *, batch
             e = e + embed(images.flip(-1)).float()
         chunks.append(F.normalize(e, dim=1).cpu())
         idx.append(labels)
+        if progress is not None:
+            progress(sum(len(i) for i in idx), len(source))
     emb = torch.zeros(len(source), chunks[0].shape[1])
     ok = np.zeros(len(source), dtype=bool)
     idx_all = torch.cat(idx)
@@ -250,13 +256,19 @@ def embed_source(embed: Callable[[torch.Tensor], torch.Tensor], source, *, batch
 
 def pair_scores(embed: Callable[[torch.Tensor], torch.Tensor], data: str, *, image_root: str | None = None,
                 batch_size: int = 64, flip: bool = False, num_workers: int = 0,
-                max_pairs: int | None = None) -> PairScores:  # fmt: skip
+                max_pairs: int | None = None, progress: Callable[[int, int], None] | None = None) -> PairScores:  # fmt: skip
     """Embed a pair list / ``.bin`` (see :func:`embed_source`) and score every pair."""
     src, pairs = open_pairs(data, image_root)
-    emb, ok = embed_source(embed, src, batch_size=batch_size, flip=flip, num_workers=num_workers)
+    emb, ok = embed_source(embed, src, batch_size=batch_size, flip=flip, num_workers=num_workers, progress=progress)
     listed = len(pairs)
-    if max_pairs is not None:
-        pairs = pairs[:max_pairs]
+    if max_pairs is not None and max_pairs < listed:
+        # an even spread over the listing, not its head: pair lists are grouped (LFW's first 300 pairs are all
+        # genuine), so the first N pairs could hold one label and one fold only
+        pairs = pairs[np.unique(np.linspace(0, listed - 1, max_pairs).round().astype(np.int64))]
+    if max_pairs is not None and len(np.unique(pairs[:, 1])) < 2:
+        raise DataFormatError(f"{data}: the {len(pairs)} pair(s) evaluated are all "
+                              f"{'genuine' if pairs[0, 1] else 'impostor'}; verification needs both kinds "
+                              "(raise max_pairs)")  # fmt: skip
     a, b = emb[pairs[:, 2]].double(), emb[pairs[:, 3]].double()
     sims = (a * b).sum(1).numpy()
     dists = (a - b).pow(2).sum(1).numpy()
