@@ -314,7 +314,7 @@ def _save_model(path: Path, name: str, **opts) -> Path:
     return path
 
 
-def test_cli_writes_json_markdown_and_png(tiny_data, tmp_path):
+def test_cli_writes_json_markdown_and_png(tiny_data, tmp_path, capsys):
     from PIL import Image
 
     from ppfr.cli import main
@@ -327,6 +327,9 @@ def test_cli_writes_json_markdown_and_png(tiny_data, tmp_path):
                "--out", str(out), "--steps", "2", "--batch-size", "4", "--width", "2", "--stem-width", "4"])  # fmt: skip
     assert rc == 0
     labels = ["arc_small", "identity", "partialface_depth18_width8_untrained"]
+    wrote = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("wrote "))
+    for label in labels:  # the paths it prints are the files it wrote
+        assert f"{out / label / 'result.json'} + grid.png" in wrote and (out / label / "result.json").is_file()
     for label in labels:
         r = json.loads((out / label / "result.json").read_text())
         assert r["label"] == label and r["heldout_images"] == 8 and r["identity_overlap"] == 0

@@ -1,4 +1,4 @@
-"""Gallery stores behind ``open_gallery``: SQLite + faiss (flat, HNSW) and Qdrant's embedded mode, one suite.
+"""Gallery stores behind ``open_gallery``: SQLite + faiss (flat, HNSW, IVF) and Qdrant's embedded mode, one suite.
 
 Every backend is checked against brute force (an identity's score = its best cosine over its templates), for
 persistence across reopen, for refusing bad input without changing anything, and the npz importer. SQLite alone:
@@ -8,6 +8,7 @@ two handles / two processes seeing each other's changes, and ``kill -9`` in the 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -25,7 +26,8 @@ pytest.importorskip("faiss")
 
 ROOT = Path(__file__).resolve().parents[1]
 D = 16
-BACKENDS = ["sqlite-flat", "sqlite-hnsw", "qdrant-local"]
+BACKENDS = ["sqlite-flat", "sqlite-hnsw", "sqlite-ivf", "qdrant-local"]  # sqlite-ivf: these galleries are too
+# small to train, so it runs exact (the fallback); test_ivf_trains_and_stays_in_step covers the trained index
 
 
 def _unit(rng: np.random.Generator, n: int, d: int = D) -> np.ndarray:
@@ -228,7 +230,7 @@ def test_uris(tmp_path):
     with pytest.raises(GalleryError, match="cannot open Qdrant gallery qdrant://127.0"):
         open_gallery("qdrant://127.0.0.1:9/faces", "m", D, timeout=2)  # nothing listens on the discard port
     with pytest.raises(ValueError, match="index must be one of"):
-        open_gallery(tmp_path / "g", "m", D, index="ivf")
+        open_gallery(tmp_path / "g", "m", D, index="lsh")
     with open_gallery(f"sqlite://{tmp_path}/sub/x.db", "m", D) as g:
         assert g.path == tmp_path / "sub" / "x.db" and g.uri == f"sqlite://{tmp_path}/sub/x.db"
     with open_gallery(g.uri, "m", D) as again:  # a handle's uri opens the same database
@@ -361,6 +363,61 @@ def test_hnsw_recall_against_exact(tmp_path):
     assert recall >= 0.99, recall
     exact.close()
     approx.close()
+
+
+def test_ivf_trains_and_stays_in_step(tmp_path):
+    """IVF on 5000 clustered rows (past ``ivf_min_rows``): it trains at open, recall@1 vs exact >= 0.99, removals
+    and enrolments reach it in place, and 4x growth retrains it; below the minimum it is exact."""
+    rng = np.random.default_rng(10)
+    n, d = 5000, 32
+    centres = _unit(rng, 50, d)
+    x = centres[rng.integers(0, 50, n)] + 0.35 * rng.standard_normal((n, d)).astype(np.float32)
+    items = [(f"id{i}", x[i: i + 1]) for i in range(n)]
+    probes = x[rng.integers(0, n, 300)] + 0.1 * rng.standard_normal((300, d)).astype(np.float32)
+    exact = open_gallery(tmp_path / "flat.db", "m", d)
+    exact.enrol_many(items)
+    exact.close()
+    shutil.copy(tmp_path / "flat.db", tmp_path / "ivf.db")  # WAL checkpointed at close: the .db is complete
+    exact = open_gallery(tmp_path / "flat.db", "m", d)
+    approx = open_gallery(tmp_path / "ivf.db", "m", d, index="ivf")
+    assert approx.index.trainings == 1 and approx.index.nlist == round(n**0.5) and len(approx.index) == n
+
+    def recall() -> float:
+        top = [r[0].name for r in exact.search(probes, 1)]
+        return float(np.mean([r[0].name == t for r, t in zip(approx.search(probes, 1), top)]))
+
+    assert recall() >= 0.99
+    gone = [f"id{i}" for i in range(0, n, 7)]  # 715 identities removed: in place, no retraining
+    for name in gone:
+        assert exact.remove(name) == approx.remove(name) == 1
+    assert len(approx.index) == n - len(gone) and approx.index.trainings == 1
+    found = {m.name for r in approx.search(x[: 7 * 40: 7], 5) for m in r}  # probes = the removed rows themselves
+    assert found and not found & set(gone)
+    new = [(f"new{i}", _unit(rng, 2, d)) for i in range(20)]
+    exact.enrol_many(new)
+    approx.enrol_many(new)
+    for t in (0, 1):  # either template finds its identity at cosine 1: an identity scores its best template
+        got = approx.search(np.stack([e[t] for _, e in new]), 1)
+        assert [r[0].name for r in got] == [nm for nm, _ in new]
+        np.testing.assert_allclose([r[0].score for r in got], 1.0, atol=1e-5)
+    assert recall() >= 0.99
+    for r in approx.search(probes[:50], 8):  # k distinct identities, best first
+        assert len({m.name for m in r}) == 8 and all(a.score >= b.score for a, b in zip(r, r[1:]))
+    approx.close()
+    exact.close()
+    # growth: trained on 2048 rows, retrained at 4x; and an index below ivf_min_rows searches exactly
+    from ppfr.deploy.gallery_index import VectorIndex
+
+    idx = VectorIndex(d, "ivf", ivf_min_rows=2048)
+    idx.add(np.arange(2047), np.arange(2047), x[:2047] / np.linalg.norm(x[:2047], axis=1, keepdims=True))
+    assert idx.nlist == 0 and idx.trainings == 0  # exact flat fallback
+    idx.add(np.arange(2047, 4096), np.arange(2047, 4096), x[2047:4096] / np.linalg.norm(x[2047:4096], axis=1,
+                                                                                     keepdims=True))  # fmt: skip
+    assert idx.trainings == 1 and idx.trained_rows == 4096  # one add crossed the line: trained once, on all
+    more = _unit(rng, 4 * 4096 - 4096, d)
+    idx.add(np.arange(4096, 4 * 4096), np.arange(4096, 4 * 4096), more)
+    assert idx.trainings == 2 and idx.trained_rows == 4 * 4096 and idx.nlist == 128 and len(idx) == 4 * 4096
+    assert idx.search(more[:3], 1) == [[(4096 + i, pytest.approx(1.0, abs=1e-5))] for i in range(3)]
 
 
 _KILL_CHILD = """

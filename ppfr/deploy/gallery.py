@@ -17,8 +17,9 @@ gallery (the whole file is rewritten) and one process owns a folder. The stores 
 interface (:class:`GalleryLike`) and are chosen by URI with :func:`open_gallery`:
 
 * ``sqlite:///path/to/gallery.db``, or a plain folder (-> ``folder/gallery.db``): SQLite rows + a faiss index
-  (``index="flat"`` exact, ``"hnsw"`` approximate), one transaction per change, several processes per host
-  (:mod:`ppfr.deploy.gallery_sqlite`). A folder holding only today's ``gallery.npz`` is imported on first open.
+  (``index="flat"`` exact, ``"hnsw"`` / ``"ivf"`` approximate), one transaction per change, several processes
+  per host (:mod:`ppfr.deploy.gallery_sqlite`). A folder holding only today's ``gallery.npz`` is imported on
+  first open.
 * ``qdrant://host:port/collection`` (a Qdrant server or cluster) and ``qdrant+local:///path`` (embedded, one
   process): :mod:`ppfr.deploy.gallery_qdrant`.
 
@@ -407,7 +408,7 @@ def open_gallery(uri: str | Path, method: str, embedding_size: int, *, index: st
 
     ``uri``: ``sqlite://<path>`` (``sqlite:///abs/gallery.db``; a folder means ``folder/gallery.db``), a plain path
     (the same as ``sqlite://<path>``), ``qdrant://host:port/collection`` (``qdrants://`` for TLS) or
-    ``qdrant+local://<folder>[?collection=name]``. ``index`` ("flat" exact / "hnsw") and ``options`` (see
+    ``qdrant+local://<folder>[?collection=name]``. ``index`` ("flat" exact / "hnsw" / "ivf") and ``options`` (see
     ``VectorIndex``) apply to sqlite; ``options`` ``exact`` / ``api_key`` / ``timeout`` to qdrant.
     A folder's ``gallery.db`` that does not exist yet, beside a ``gallery.npz``, is first imported from it.
     Raises GalleryError for an unusable store or one enrolled with another method / embedding size.

@@ -60,9 +60,10 @@ class SqliteGallery:
     """Enrolled identities in ``path`` (a SQLite file), searched with a faiss index.
 
     ``method`` / ``embedding_size``: the model the embeddings come from; a database enrolled with another is
-    refused (GalleryError). ``index``: "flat" (exact, default) or "hnsw" (approximate); ``index_options`` go to
-    :class:`~ppfr.deploy.gallery_index.VectorIndex` (``hnsw_m``, ``ef_construction``, ``ef_search``,
-    ``rebuild_fraction``). Thread-safe (one lock per handle); several handles and processes may share a file.
+    refused (GalleryError). ``index``: "flat" (exact, default), "hnsw" or "ivf" (approximate); ``index_options``
+    go to :class:`~ppfr.deploy.gallery_index.VectorIndex` (``hnsw_m``, ``ef_construction``, ``ef_search``,
+    ``rebuild_fraction``; ``ivf_nprobe``, ``ivf_nlist``, ``ivf_min_rows``, ``ivf_regrow``, ``ivf_niter``,
+    ``seed``). Thread-safe (one lock per handle); several handles and processes may share a file.
     """
 
     backend = "sqlite"
@@ -201,15 +202,16 @@ class SqliteGallery:
                     self._names[ident], self._ids[name] = name, ident
                     self._counts.setdefault(ident, 0)
                     self._last_identity = ident
-                while chunk := rows.fetchmany(65536):  # chunks: a 1M-row gallery never sits in memory twice
-                    ids = np.fromiter((r[0] for r in chunk), np.int64, len(chunk))
-                    labels = np.fromiter((r[1] for r in chunk), np.int64, len(chunk))
-                    blob = b"".join(r[2] for r in chunk)
-                    if len(blob) != len(chunk) * self.embedding_size * 4:  # a row written by something else
-                        raise GalleryError(f"gallery database {self.path} is unusable: an embedding row is not "
-                                           f"{self.embedding_size} float32 values")  # fmt: skip
-                    vec = np.frombuffer(blob, dtype="<f4").reshape(len(chunk), self.embedding_size)
-                    self._add_rows(ids, labels, vec)
+                with self._index.bulk():  # an IVF index trains once after the last chunk, not per chunk
+                    while chunk := rows.fetchmany(65536):  # chunks: a 1M-row gallery never sits in memory twice
+                        ids = np.fromiter((r[0] for r in chunk), np.int64, len(chunk))
+                        labels = np.fromiter((r[1] for r in chunk), np.int64, len(chunk))
+                        blob = b"".join(r[2] for r in chunk)
+                        if len(blob) != len(chunk) * self.embedding_size * 4:  # a row written by something else
+                            raise GalleryError(f"gallery database {self.path} is unusable: an embedding row is "
+                                               f"not {self.embedding_size} float32 values")  # fmt: skip
+                        vec = np.frombuffer(blob, dtype="<f4").reshape(len(chunk), self.embedding_size)
+                        self._add_rows(ids, labels, vec)
             except BaseException:
                 self._stale = True  # memory no longer mirrors the database: rebuild it on the next call
                 raise
@@ -313,7 +315,8 @@ class SqliteGallery:
 
     @property
     def index(self) -> VectorIndex:
-        """The faiss index mirroring the database (for inspection: size, ``nbytes()``, HNSW rebuilds)."""
+        """The faiss index mirroring the database (for inspection: size, ``nbytes()``, HNSW rebuilds, IVF
+        trainings)."""
         return self._index
 
     def identities(self) -> dict[str, int]:
@@ -343,7 +346,7 @@ class SqliteGallery:
 
     def search(self, probes: np.ndarray, top_k: int = 5) -> list[list[Match]]:
         """For each of the (M, D) probes, the ``top_k`` identities with the highest best-cosine, best first
-        (exact with the flat index, approximate with HNSW)."""
+        (exact with the flat index, approximate with HNSW and a trained IVF)."""
         probes = normalize(probes)
         if probes.shape[1] != self.embedding_size:
             raise ValueError(f"expected {self.embedding_size}-d probes, got {probes.shape[1]}")

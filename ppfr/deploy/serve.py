@@ -1051,9 +1051,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gallery", required=True,
                     help="the enrolled-identity gallery, created if absent: a folder or sqlite:///path/gallery.db "
                          "(several workers / servers of one host share it), or qdrant://host:port/collection")
-    ap.add_argument("--gallery-index", choices=("flat", "hnsw"), default="flat",
-                    help="the SQLite gallery's vector index: flat (exact, default) or hnsw (approximate, faster "
-                         "identify on large galleries)")
+    ap.add_argument("--gallery-index", choices=("flat", "hnsw", "ivf"), default="flat",
+                    help="the SQLite gallery's vector index: flat (exact, default), ivf (approximate, trained at "
+                         "start; ~25x faster identify at 1M identities) or hnsw (approximate)")
     ap.add_argument("--host", default="127.0.0.1",
                     help="address to bind (default loopback; there is no TLS: put a TLS proxy in front otherwise)")
     ap.add_argument("--port", type=int, default=8080, help="0 = any free port (printed at start)")
@@ -1087,6 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runner is not None:
         args.model = args.runner
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every SIMD variant it tries at INFO
     token = read_token(args.token, args.token_file)
     if args.token:
         log.warning("--token is visible to other users in the process list; prefer --token-file")

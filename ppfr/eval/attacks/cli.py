@@ -24,7 +24,7 @@ from ppfr.eval.attacks import available_attacks, build_attack
 from ppfr.eval.attacks.common import (
     EVAL_STREAM, PAPER_PRIVACY, AttackConfig, AttackContext, AttackError, FaceSet, Judge, Target, identity_overlap,
     judge_embeddings, load_faces, make_judge, merge_result, open_val, pair_verification, payload_shapes, protect_with,
-    resolve_target, save_grid, visualise_payload,
+    resolve_target, result_path, save_grid, visualise_payload,
 )  # fmt: skip
 from ppfr.eval.verification import VerificationResult
 from ppfr.methods.base import Payload
@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ppfr attack: {target.label}: {exc}", file=sys.stderr)
             return 2
     jp, mp = write_summary(out)
-    print(f"wrote {out}/<target>/result.json + grid.png, {jp}, {mp}")
+    written = ", ".join(f"{result_path(out, t.label)} + grid.png" for t in targets)
+    print(f"wrote {written}, {jp}, {mp}")
     print(mp.read_text())
     return 0
 
