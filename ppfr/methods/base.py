@@ -319,6 +319,13 @@ def load_method(path: Any, map_location: str | torch.device = "cpu", **overrides
     opts = {k: v for k, v in dict(ck["method_options"]).items() if k not in LOAD_TIME_OPTIONS}
     opts.update(overrides)
     method = build_method(str(ck["method"]), **opts)
+    if isinstance(ck.get("transfer"), dict):  # trained with ``transfer:``: rebuild its server (weights follow)
+        from ppfr.models.transfer import TransferError, apply_record
+
+        try:
+            apply_record(method, ck["transfer"])
+        except (TransferError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: cannot rebuild its transferred server: {exc}") from None
     result = method.load_state_dict(ck["model"], strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{path}: weights do not fit {ck['method']} (missing {result.missing_keys[:5]}, "

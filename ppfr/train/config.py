@@ -112,6 +112,64 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class TransferConfig:
+    """Pretrained transfer (docs/methods.md "Transfer and distillation"): the method's server backbone becomes
+    ``adapter -> pretrained recogniser -> projection``. ``source``: null (off) | ``faceapi`` (the face-api.js weights
+    in ``source_dir``, default ``$PPFR_FACEAPI_DIR`` or ../shared/models/faceapi) | a ppfr model.pt (its IR server).
+    ``adapter``: ``conv`` (the trained adapter in front of the recogniser), ``none`` (the source's IR weights load into
+    the method's own IR where shapes match: DuetFace, PRO-Face C) or ``auto`` (conv where the server reads one
+    payload tensor, else none). The recogniser stays frozen for the first ``freeze_epochs`` epochs of each stage that
+    trains the server, then trains at ``lr_mult`` x lr. ``projection``: a Linear to ``embedding_size`` where the sizes
+    differ (false: they must agree)."""
+
+    source: Optional[str] = None
+    source_dir: Optional[str] = None
+    adapter: str = "auto"  # auto | conv | none
+    adapter_width: int = 32
+    freeze_epochs: int = 1
+    lr_mult: float = 0.1
+    projection: bool = True
+
+    def __post_init__(self) -> None:
+        from ppfr.models.transfer import TransferError
+        from ppfr.train.transfer import check_source
+
+        if self.adapter not in ("auto", "conv", "none"):
+            raise ConfigError(f"transfer.adapter must be auto, conv or none, got {self.adapter!r}")
+        if self.adapter_width < 1 or self.freeze_epochs < 0:
+            raise ConfigError("transfer.adapter_width must be positive and transfer.freeze_epochs >= 0")
+        if not self.lr_mult >= 0:
+            raise ConfigError(f"transfer.lr_mult must be >= 0, got {self.lr_mult}")
+        try:
+            check_source(self.source, "transfer.source")
+        except TransferError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Teacher distillation: ``weight * (1 - cos)`` between the server embedding (through a learned projection where
+    sizes differ) and the teacher's embedding of the clean image, added to the stage's loss. ``teacher``: null (off)
+    | ``faceapi`` (weights in ``teacher_dir``) | a ppfr model.pt. ``cache``: keep teacher embeddings per image."""
+
+    teacher: Optional[str] = None
+    teacher_dir: Optional[str] = None
+    weight: float = 1.0
+    cache: bool = True
+
+    def __post_init__(self) -> None:
+        from ppfr.models.transfer import TransferError
+        from ppfr.train.transfer import check_source
+
+        if not self.weight >= 0:
+            raise ConfigError(f"distill.weight must be >= 0, got {self.weight}")
+        try:
+            check_source(self.teacher, "distill.teacher")
+        except TransferError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     name: str = "run"
     method: str = "partialface"
@@ -141,6 +199,8 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard event files to <run>/tb (needs the tensorboard package)
     progress: str = "auto"  # auto (a bar on a terminal, log lines otherwise) | bar | lines
     eval: EvalConfig = field(default_factory=EvalConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         if self.amp not in ("none", "bf16", "fp16"):

@@ -121,7 +121,13 @@ def prepare_batchnorm(method: nn.Module, mode: str, world: int) -> int:
     return before
 
 
-def build_optimizer(method: Method, head: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+def build_optimizer(method: Method, head: nn.Module, cfg: TrainConfig,
+                    pretrained: set[int] | frozenset[int] = frozenset(),
+                    extra: nn.Module | None = None) -> torch.optim.SGD:  # fmt: skip
+    """SGD over the trainable method parameters (groups: generator, pretrained (``transfer.lr_mult``), decay /
+    no-decay), the head, and ``extra`` (the distillation projection; trained like the head). ``pretrained``: ids of
+    the transferred recogniser's parameters; their group is built even while they are frozen (SGD skips parameters
+    without a gradient), so the optimiser and its checkpoints keep one layout through the freeze schedule."""
     o = cfg.optim
     groups: dict[str, dict] = {}
     exempt = no_decay_params(method, o.no_decay)
@@ -129,12 +135,17 @@ def build_optimizer(method: Method, head: nn.Module, cfg: TrainConfig) -> torch.
         if not p.requires_grad:
             continue
         gen = name.startswith("generator.")
-        key = ("gen_" if gen else "") + ("nodecay" if id(p) in exempt else "decay")
+        pre = id(p) in pretrained
+        key = ("gen_" if gen else "pre_" if pre else "") + ("nodecay" if id(p) in exempt else "decay")
+        mult = o.generator_lr_mult if gen else cfg.transfer.lr_mult if pre else 1.0
         g = groups.setdefault(key, {"params": [], "weight_decay": 0.0 if key.endswith("nodecay") else o.weight_decay,
-                                    "lr_mult": o.generator_lr_mult if gen else 1.0, "name": key})  # fmt: skip
+                                    "lr_mult": mult, "name": key})  # fmt: skip
         g["params"].append(p)
     head_wd = o.weight_decay if o.head_weight_decay is None else o.head_weight_decay
     groups["head"] = {"params": list(head.parameters()), "weight_decay": head_wd, "lr_mult": 1.0, "name": "head"}
+    if extra is not None and list(extra.parameters()):
+        groups["distill"] = {"params": list(extra.parameters()), "weight_decay": head_wd, "lr_mult": 1.0,
+                             "name": "distill"}  # fmt: skip
     return torch.optim.SGD(list(groups.values()), lr=o.lr, momentum=o.momentum)
 
 
@@ -178,6 +189,9 @@ class Trainer:
         self.is_main = self.rank == 0
         # fp16 needs loss scaling (CUDA); bf16 and fp32 do not: a disabled scaler passes everything through
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.transfer = None  # a ppfr.train.transfer.TransferPlan once fit() has applied ``transfer:``
+        self.distiller = None  # a ppfr.train.transfer.Distiller when ``distill:`` names a teacher
+        self._distill_last: torch.Tensor | None = None
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -215,16 +229,26 @@ class Trainer:
         # also draws from it, at a point that differs after a resume).
         torch.manual_seed(seed)
         amp = self.cfg.amp
+        if self.distiller is not None:
+            self.distiller.begin_step()
         with torch.autocast(self.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
                             enabled=amp != "none"):  # fmt: skip
             out = method.training_step(stage, images, labels, head, generator=torch.Generator().manual_seed(seed))
         loss = out["loss"].float()
+        self._distill_last = None
+        if self.distiller is not None:  # pulls the server embedding toward the teacher's embedding of the clean face
+            d = self.distiller.loss(images)
+            if d is not None:  # a per-rank mean: / world, so the all-reduced (summed) gradients are the global mean's
+                loss = loss + self.distiller.weight * d / self.world
+                self._distill_last = d.detach()
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"loss is {loss.item()} in stage {stage!r}; lower optim.lr, set optim.grad_clip, "
                                    "or check the data")  # fmt: skip
         opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # fp16 loss scaling (a no-op scaler otherwise)
         all_reduce_grads(p for p in method.parameters() if p.requires_grad)
+        if self.distiller is not None and self.distiller.projection is not None:  # one projection on every rank
+            all_reduce_grads(self.distiller.projection.parameters())
         if self.cfg.optim.grad_clip:
             self.scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], self.cfg.optim.grad_clip)
@@ -245,6 +269,7 @@ class Trainer:
         found = load_latest(self.run_dir) if resume else None  # first: a refusal must precede every write
         torch.manual_seed(cfg.seed)
         method = build_method(cfg.method, **cfg.method_options).to(self.device)
+        self.setup_transfer(method)
         prepare_batchnorm(method, cfg.batchnorm, self.world)
         loader = self.make_loader()
         num_classes = loader.num_classes
@@ -279,8 +304,11 @@ class Trainer:
             ckpt = None
             state.update(stage_idx=stage_idx + 1, epoch=0, step_in_epoch=0)
         if self.is_main:
-            save_atomic({"model": method.state_dict(), "method": cfg.method, "method_options": dict(cfg.method_options),
-                         "config": yaml.safe_dump(cfg.to_dict())}, self.run_dir / "model.pt")  # fmt: skip
+            final = {"model": method.state_dict(), "method": cfg.method, "method_options": dict(cfg.method_options),
+                     "config": yaml.safe_dump(cfg.to_dict())}  # fmt: skip
+            if self.transfer is not None:  # how load_method rebuilds the transferred server (weights are in "model")
+                final["transfer"] = self.transfer.record
+            save_atomic(final, self.run_dir / "model.pt")
             self.log(f"wrote {self.run_dir / 'model.pt'}")
             if cfg.eval.pairs and cfg.eval.after:
                 summary["after"] = self.evaluate(method)
@@ -295,9 +323,16 @@ class Trainer:
         method.train()
         torch.manual_seed(cfg.seed + 7919 * stage_idx)  # fresh head init per stage, reproducible
         head = build_head(cfg, num_classes, method.options.embedding_size).to(self.device)
-        opt = build_optimizer(method, head, cfg)
+        proj = None
+        if self.distiller is not None:  # a fresh student -> teacher projection per stage, like the head
+            proj = self.distiller.new_projection(method.options.embedding_size, cfg.data.image_size,
+                                                 self.distill_start())
+        pretrained = self.transfer.pretrained_ids() if self.transfer is not None else frozenset()
+        opt = build_optimizer(method, head, cfg, pretrained, proj)
         if ckpt is not None:
             head.load_state_dict(ckpt["head"])
+            if self.distiller is not None and "distill" in ckpt:
+                self.distiller.load_state_dict(ckpt["distill"])
             opt.load_state_dict(ckpt["optim"])
             if "scaler" in ckpt:
                 self.scaler.load_state_dict(ckpt["scaler"])
@@ -323,6 +358,12 @@ class Trainer:
             self.tlog = tlog
             for epoch in range(state["epoch"], passes):
                 loader.set_epoch(epoch)  # the data order is a pure function of (seed, epoch)
+                if self.transfer is not None:  # the pretrained recogniser: frozen for the first freeze_epochs epochs
+                    was = self.transfer.frozen
+                    now = self.transfer.apply_epoch(method, stage.trainable, epoch // rep)
+                    if now is not None and now != was:
+                        tlog.message(f"[{stage.name}] epoch {epoch // rep}: pretrained recogniser "
+                                     f"{'frozen (adapter and projection train)' if now else 'unfrozen'}")
                 skip = state["step_in_epoch"] if epoch == state["epoch"] else 0
                 t0 = time.perf_counter()
                 for step, (images, labels) in enumerate(loader):
@@ -352,9 +393,14 @@ class Trainer:
                     last = v
                     if state["global_step"] % cfg.log_every == 0 or step == steps - 1:
                         elapsed = time.perf_counter() - t_start
+                        extra = None
+                        if self._distill_last is not None:
+                            extra = {"distill": self._distill_last.item()}
+                            self.log_distill(stage.name, epoch, step, state["global_step"], extra["distill"], v)
                         tlog.step(stage=stage.name, epoch=epoch, step=step, steps=steps,
                                   global_step=state["global_step"], lr=lr, loss=v, images_per_s=seen / elapsed,
-                                  eta_s=elapsed / done_here * (remaining - done_here), label=pass_label(epoch))  # fmt: skip
+                                  eta_s=elapsed / done_here * (remaining - done_here), extra=extra,
+                                  label=pass_label(epoch))  # fmt: skip
                     if state["global_step"] % cfg.checkpoint_every == 0:
                         self.checkpoint(method, head, opt, state, stage_idx, epoch)
                 state["step_in_epoch"] = 0
@@ -365,6 +411,48 @@ class Trainer:
         ips = seen / max(time.perf_counter() - t_start, 1e-9)
         self.head = head
         return {"stage": stage.name, "loss_first": first, "loss_last": last, "images_per_s": ips}
+
+    def setup_transfer(self, method: Method) -> None:
+        """``transfer:`` and ``distill:`` right after the method is built (a ConfigError naming the key when the
+        source or teacher cannot be used). The transferred modules are moved to the training device."""
+        from ppfr.models.transfer import TransferError
+        from ppfr.train.transfer import Distiller, apply_transfer, watched_module
+
+        try:
+            self.transfer = apply_transfer(method, self.cfg.transfer)
+            method.to(self.device)
+            d = self.cfg.distill
+            if d.teacher is not None:
+                self.distiller = Distiller(d.teacher, d.weight, d.cache, d.teacher_dir, device=self.device)
+                self.distiller.watch(watched_module(method))
+        except TransferError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.transfer is not None:
+            r = self.transfer.record
+            if r["adapter"] == "none":
+                what = f"{r['source']} IR weights into {r['attr']} ({r['loaded']} of {r['of']} tensors fit)"
+            else:
+                what = f"adapter -> {r['server']['source']} -> projection as {r['server']['attr']}"
+            self.log(f"transfer: {what}")
+
+    def distill_start(self) -> nn.Module | None:
+        """The transfer's projection when the teacher is the transfer source (see ``Distiller.new_projection``)."""
+        t = self.transfer
+        if t is None or t.server is None or self.cfg.distill.teacher != self.cfg.transfer.source:
+            return None
+        return t.server.projection
+
+    def log_distill(self, stage: str, epoch: int, step: int, global_step: int, distill: float, loss: float) -> None:
+        """One row of <run>/distill.csv (metrics.csv's columns are fixed by ppfr.train.logs)."""
+        if not self.is_main:
+            return
+        path = self.run_dir / "distill.csv"
+        new = not path.exists()
+        with open(path, "a") as f:
+            if new:
+                f.write("stage,epoch,step,global_step,loss,distill,cache_hits,cache_misses\n")
+            f.write(f"{stage},{epoch},{step},{global_step},{loss:.6f},{distill:.6f},{self.distiller.hits},"
+                    f"{self.distiller.misses}\n")
 
     def init_weights(self, method: Method, path: str) -> None:
         """Start from another run's method weights (``init_from``): a model.pt or a trainer checkpoint."""
@@ -383,6 +471,7 @@ class Trainer:
         if not self.is_main:
             return
         ck = {"model": method.state_dict(), "head": head.state_dict(), "optim": opt.state_dict(),
+              **({"distill": self.distiller.state_dict()} if self.distiller is not None else {}),
               "scaler": self.scaler.state_dict(),
               "stage_idx": stage_idx, "epoch": epoch,
               "step_in_epoch": state["step_in_epoch"], "global_step": state["global_step"]}  # fmt: skip
@@ -406,7 +495,8 @@ class Trainer:
 
 # ------------------------------------------------------------------------------------------------ run folders
 #: What a run writes into its folder; ``--overwrite`` deletes exactly these (nothing else a user put there).
-RUN_FILES: tuple[str, ...] = ("config.yaml", "model.pt", "metrics.csv", "summary.json", "checkpoints", "tb")
+RUN_FILES: tuple[str, ...] = ("config.yaml", "model.pt", "metrics.csv", "distill.csv", "summary.json", "checkpoints",
+                               "tb")  # fmt: skip
 
 
 def run_files(run_dir: Path) -> list[str]:

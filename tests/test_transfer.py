@@ -1,0 +1,183 @@
+"""Pretrained transfer and teacher distillation (ppfr.models.transfer, ppfr.train.transfer, ``transfer:`` /
+``distill:`` in the trainer)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import pytest
+
+from ppfr.methods import Payload, build_method, load_method
+from ppfr.models.faceapi import FaceApiJudge
+from ppfr.models.ir import IRNet
+from ppfr.models.transfer import PayloadAdapter, TransferredServer
+from ppfr.train.config import ConfigError, TransferConfig, load_config
+from ppfr.train.trainer import Trainer, build_head, build_optimizer
+from ppfr.train.transfer import Distiller, apply_transfer
+
+from tests.conftest import SHARED
+
+FACEAPI = SHARED / "models" / "faceapi"
+needs_faceapi = pytest.mark.skipif(not FACEAPI.is_dir(),
+                                   reason="face-api.js weights not found at ../shared/models/faceapi")
+TINY = {"depth": 18, "width": 8, "embedding_size": 32}
+
+
+def _faces(b: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.rand(b, 3, 112, 112, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def _dct_payload(b: int = 2) -> Payload:
+    """A PartialFace-shaped payload (B, 27, 112, 112) of DCT-scale values (recognize only: no first-call encode)."""
+    dct = torch.randn(b, 27, 112, 112, generator=torch.Generator().manual_seed(1)) * 20
+    return Payload("partialface", {"dct": dct})
+
+
+@pytest.fixture(scope="module")
+def source_pt(tmp_path_factory) -> str:
+    """A ppfr model.pt (an arcface IR-18, width 8, 32-d; untrained but a fixed recogniser) as a transfer source."""
+    m = build_method("arcface", **TINY)
+    path = tmp_path_factory.mktemp("src") / "model.pt"
+    torch.save({"model": m.state_dict(), "method": "arcface", "method_options": dict(TINY)}, path)
+    return str(path)
+
+
+def _cfg(tmp_path, **over):
+    base = [f"out_dir={tmp_path}", "name=t", "method=arcface",
+            "method_options={depth: 18, width: 8, embedding_size: 32}",
+            "data.num_samples=16", "data.num_classes=4", "data.batch_size=8", "max_steps_per_epoch=2", "log_every=1",
+            "optim.warmup_steps=0", "eval.before=false", "eval.after=false", "data.num_workers=0"]
+    return load_config(None, base + [f"{k}={v}" for k, v in over.items()])
+
+
+def test_adapter_is_identity_for_rgb_and_maps_declared_ranges():
+    x = _faces()
+    a = PayloadAdapter(3, 112, 3, 112, -1.0, 1.0)
+    assert torch.equal(a(x), x)
+    unit = PayloadAdapter(3, 112, 3, 112, 0.0, 1.0)  # MinusFace's X_p in [0, 1] -> [-1, 1]
+    assert torch.allclose(unit(x * 0.5 + 0.5), x, atol=1e-6)
+    dct = PayloadAdapter(27, 112, 3, 112).train()  # unbounded: BatchNorm, a 1x1 conv 27 -> 3, and the residual
+    assert dct(torch.randn(2, 27, 112, 112) * 50).shape == (2, 3, 112, 112)
+    with pytest.raises(ValueError, match="expects"):
+        a(torch.zeros(1, 4, 112, 112))
+
+
+@needs_faceapi
+def test_faceapi_transfer_replaces_server_and_starts_as_the_recogniser():
+    from ppfr.models.faceapi import load_faceapi_judge
+
+    m = build_method("arcface", depth=18, width=8)  # 512-d: face-api.js's 128-d descriptor through a projection
+    plan = apply_transfer(m, TransferConfig(source="faceapi", source_dir=str(FACEAPI)))
+    assert isinstance(m.server, TransferredServer) and isinstance(m.server.recognizer, FaceApiJudge)
+    assert plan.record["server"]["recognizer"] == {"kind": "faceapi", "in_size": 112}
+    x = _faces(3)
+    with torch.no_grad():
+        e = m.eval().embed(x)
+        t = load_faceapi_judge(FACEAPI).embed(x)
+    assert e.shape == (3, 512)
+    cos = lambda z: F.normalize(z) @ F.normalize(z).T  # noqa: E731
+    assert torch.allclose(cos(e), cos(t), atol=1e-5)  # identity adapter + semi-orthogonal projection: face-api itself
+    p = build_method("partialface", **TINY)  # 27 DCT channels -> adapter -> face-api.js -> 32
+    apply_transfer(p, TransferConfig(source="faceapi", source_dir=str(FACEAPI)))
+    assert p.eval().recognize(_dct_payload()).shape == (2, 32)
+
+
+def test_model_pt_transfer_and_weights_where_shapes_match(source_pt):
+    src = load_method(source_pt)
+    m = build_method("partialface", **TINY)
+    apply_transfer(m, TransferConfig(source=source_pt))
+    assert isinstance(m.server, TransferredServer) and isinstance(m.server.recognizer, IRNet)
+    assert torch.equal(m.server.recognizer.body[0].res_layer[1].weight, src.server.body[0].res_layer[1].weight)
+    assert m.eval().recognize(_dct_payload()).shape == (2, 32)
+    d = build_method("duetface", **TINY)  # its server takes the client masks: adapter auto = weights only
+    plan = apply_transfer(d, TransferConfig(source=source_pt))
+    assert plan.server is None and 0 < plan.record["loaded"] < plan.record["of"]  # all but the 162-channel stem
+    assert torch.equal(d.server.body[3].res_layer[1].weight, src.server.body[3].res_layer[1].weight)
+    with pytest.raises(ValueError, match="payload tensors"):
+        apply_transfer(build_method("duetface", **TINY), TransferConfig(source=source_pt, adapter="conv"))
+
+
+def test_freeze_schedule_and_pretrained_lr_group(source_pt, tmp_path):
+    m = build_method("arcface", **TINY)
+    plan = apply_transfer(m, TransferConfig(source=source_pt, freeze_epochs=1, lr_mult=0.25))
+    stage = m.set_stage("train")
+    m.train()
+    cfg = _cfg(tmp_path)
+    cfg = cfg.__class__(**{**cfg.__dict__, "transfer": TransferConfig(source=source_pt, lr_mult=0.25)})
+    opt = build_optimizer(m, build_head(cfg, 4, 32), cfg, plan.pretrained_ids())
+    pre = [g for g in opt.param_groups if g["name"].startswith("pre_")]
+    assert pre and all(g["lr_mult"] == 0.25 for g in pre)
+    assert sum(len(g["params"]) for g in pre) == len(plan.pretrained)
+    assert plan.apply_epoch(m, stage.trainable, 0) is True
+    assert not any(p.requires_grad for p in m.server.recognizer.parameters())
+    assert all(p.requires_grad for p in m.server.adapter.parameters())
+    m.train()
+    assert not m.server.recognizer.training and m.server.adapter.training  # frozen BN statistics stay put
+    before = m.server.recognizer.body[0].res_layer[1].weight.clone()
+    head = build_head(cfg, 4, 32)
+    m.training_step("train", _faces(8), torch.arange(8) % 4, head)["loss"].backward()
+    opt.step()
+    assert torch.equal(m.server.recognizer.body[0].res_layer[1].weight, before)
+    assert plan.apply_epoch(m, stage.trainable, 1) is False
+    assert all(p.requires_grad for p in m.server.recognizer.parameters()) and m.server.recognizer.training
+    assert plan.apply_epoch(m, ("client",), 0) is None  # a stage that does not train the server: left alone
+
+
+def test_distillation_loss_decreases(source_pt):
+    dist = Distiller(source_pt, weight=1.0, cache=True)
+    student = build_method("arcface", depth=18, width=8, embedding_size=16).train()
+    dist.watch(student.server)
+    proj = dist.new_projection(16)
+    assert isinstance(proj, torch.nn.Linear) and proj.out_features == 32
+    opt = torch.optim.Adam([*student.parameters(), *proj.parameters()], lr=1e-2)
+    g = torch.Generator().manual_seed(0)  # 8 distinct "faces": a colour each plus texture, the teacher tells apart
+    x = (torch.rand(8, 3, 1, 1, generator=g) * 2 - 1) * 0.7 + torch.rand(8, 3, 112, 112, generator=g) * 0.3
+    losses = []
+    for _ in range(6):
+        dist.begin_step()
+        student.recognize(student.protect(x))
+        loss = dist.loss(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.2, losses  # measured: 0.90 -> 0.32
+    assert dist.misses == 8 and dist.hits == 40  # teacher computed once per image, then cached
+    assert torch.allclose(dist.teacher_embeddings(x), load_method(source_pt).embed(x, generator=torch.Generator()))
+    with torch.no_grad():  # no gradient through the server: nothing captured, no term
+        dist.begin_step()
+        student.recognize(student.protect(x))
+    assert dist.loss(x) is None
+
+
+def test_trainer_transfer_distill_and_model_pt_round_trip(source_pt, tmp_path):
+    cfg = _cfg(tmp_path, **{"transfer.source": source_pt, "transfer.freeze_epochs": 1, "epochs": 2,
+                            "distill.teacher": source_pt, "distill.weight": 0.5})
+    tr = Trainer(cfg, quiet=True)
+    summary = tr.fit()
+    assert summary["stages"][0]["loss_last"] is not None
+    rows = (tmp_path / "t" / "distill.csv").read_text().splitlines()
+    assert rows[0].startswith("stage,epoch,step,global_step,loss,distill") and len(rows) == 5
+    # the distillation projection starts as the left inverse of the transfer projection (teacher = source): ~0
+    assert float(rows[1].split(",")[5]) < 1e-3
+    loaded = load_method(tmp_path / "t" / "model.pt")
+    assert isinstance(loaded.server, TransferredServer)
+    x = _faces()
+    tr.method.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded.embed(x), tr.method.embed(x), atol=1e-5)
+
+
+def test_bad_sources_are_one_line_config_errors(tmp_path, source_pt):
+    for value, want in (("nowhere/model.pt", "no such file"), ("model.onnx", "ONNX sources are not supported")):
+        with pytest.raises(ConfigError, match=f"transfer.source={value}: {want}") as exc:
+            _cfg(tmp_path, **{"transfer.source": value})
+        assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match="distill.teacher=x.onnx"):
+        _cfg(tmp_path, **{"distill.teacher": "x.onnx"})
+    with pytest.raises(ConfigError, match="transfer.adapter"):
+        _cfg(tmp_path, **{"transfer.adapter": "mlp"})
+    cfg = _cfg(tmp_path, **{"transfer.source": source_pt, "transfer.adapter": "conv", "method": "profacec"})
+    with pytest.raises(ConfigError, match="transfer.adapter=none") as exc:  # found once the method is built
+        Trainer(cfg, quiet=True).fit()
+    assert "\n" not in str(exc.value)
