@@ -13,6 +13,12 @@ For each method (default: arcface, arcface_fd, duetface, partialface, minusface,
    U-Net recovery), scored on held-out identities, and keeps the picture grid;
 5. writes ``<out>/study.json`` and a Markdown report (``--report``, e.g. docs/results.md) with the papers' figures.
 
+With ``--budget-min M`` the study first probes a few training steps of every run (each method from scratch and,
+with ``--transfer``, the default then, with its ``<method>_transfer.yaml`` or, for DuetFace, the study's ArcFace
+model.pt as transfer source), plans one common number of steps per epoch so that training, evaluation and attacks
+fit in M minutes (attacks at their time in the ``<out>/elapsed.json`` ledger, else a share of the budget), prints
+the plan, skips what no longer fits and reports it, and prints the estimated and actual totals.
+
 Every step is resumable: a finished training run (``<out>/runs/<method>/model.pt``) and a finished attack
 (``<out>/attack/<method>/result.json``) are reused, so a killed study continues where it stopped.
 """
@@ -77,42 +83,187 @@ class StudyConfig:
     seed: int = 1337
     max_steps_per_epoch: int | None = None  # a quick smoke run; None trains whole epochs
     batch_size: int | None = None  # None: the configs' batch size
+    # a time budget for the whole study (minutes): the planner sets each run's steps per epoch (see plan_budget)
+    budget_min: float | None = None
+    transfer: bool = False  # also train each method with a pretrained transfer (+ distillation) where one applies
+    attack_share: float = 0.4  # the budget's share reserved for the attacks when the ledger has no measured figure
+    probe_steps: int = 2  # training steps per stage the planner times for each run
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.attack_steps < 1 or self.timing_batch < 1:
             raise ValueError("epochs, attack_steps and timing_batch must be positive")
+        if self.budget_min is not None and not self.budget_min > 0:
+            raise ValueError(f"--budget-min must be positive, got {self.budget_min}")
+        if not 0 <= self.attack_share < 1 or self.probe_steps < 1:
+            raise ValueError("attack_share must be in [0, 1) and probe_steps positive")
         unknown = [m for m in self.methods if not (Path(self.configs) / f"{m}_tiny.yaml").is_file()]
         if unknown:
             raise ValueError(f"no {self.configs}/<method>_tiny.yaml for {unknown}")
 
 
+# -------------------------------------------------------------------------------------------------- runs
+@dataclass(frozen=True)
+class Run:
+    """One training run of the study: ``label`` names its run folder, row and attack folder; ``config`` is the YAML
+    it starts from; ``training`` is the row's training column (scratch | transfer | distill | transfer+distill);
+    ``overrides`` are extra ``key=value`` settings; ``server_source``: the transfer source is the study's trained
+    ``server_method`` model (DuetFace, which cannot take face-api.js)."""
+
+    label: str
+    method: str
+    config: str
+    training: str = "scratch"
+    overrides: tuple[str, ...] = ()
+    server_source: bool = False
+
+
+# model.pt transfer from the study's own ArcFace: the methods that inject client maps into their IR stages refuse
+# face-api.js (docs/methods.md "Transfer and distillation"); PRO-Face C's server already *is* that model
+SERVER_SOURCE_TRANSFER = ("duetface",)
+
+
+def _training_mode(path: Path, overrides: tuple[str, ...] = ()) -> str:
+    from ppfr.train.config import load_config
+
+    c = load_config(path, list(overrides)) if overrides else load_config(path)
+    t, d = c.transfer.source is not None, c.distill.teacher is not None
+    return "transfer+distill" if t and d else "transfer" if t else "distill" if d else "scratch"
+
+
+def study_runs(cfg: StudyConfig) -> list[Run]:
+    """Every method from scratch (``<method>_tiny.yaml``) and, with ``cfg.transfer``, right after it the method with
+    its ``<method>_transfer.yaml`` where the configs folder has one, or (DuetFace) with the study's trained
+    ``server_method`` model as the transfer source where that model is trained earlier in the list."""
+    runs: list[Run] = []
+    for m in cfg.methods:
+        runs.append(Run(m, m, str(Path(cfg.configs) / f"{m}_tiny.yaml")))
+        if not cfg.transfer:
+            continue
+        tpath = Path(cfg.configs) / f"{m}_transfer.yaml"
+        if tpath.is_file():
+            over = ()
+            if cfg.judge_dir:  # the face-api.js weights the judge reads serve the transfer and the teacher too
+                over = (f"transfer.source_dir={cfg.judge_dir}", f"distill.teacher_dir={cfg.judge_dir}")
+            runs.append(Run(f"{m}_transfer", m, str(tpath), _training_mode(tpath, over), over))
+        elif m in SERVER_SOURCE_TRANSFER and cfg.server_method in cfg.methods[: cfg.methods.index(m)]:
+            runs.append(Run(f"{m}_transfer", m, str(Path(cfg.configs) / f"{m}_tiny.yaml"), "transfer",
+                            server_source=True))  # fmt: skip
+    return runs
+
+
 # ------------------------------------------------------------------------------------------------- steps
-def train_config(cfg: StudyConfig, method: str, runs: Path, server: Path | None):
-    """The method's tiny config with the study's data, schedule and (where the method has one) server."""
+def train_config(cfg: StudyConfig, method: str | Run, runs: Path, server: Path | None,
+                 max_steps_per_epoch: int | None = None, epochs: int | None = None):  # fmt: skip
+    """The run's config with the study's data, schedule (``epochs`` / ``max_steps_per_epoch`` override the study's,
+    for the planner) and (where the method has one) server."""
     from ppfr.methods import method_class
     from ppfr.train.config import load_config
 
-    path = Path(cfg.configs) / f"{method}_tiny.yaml"
+    run = method if isinstance(method, Run) else Run(method, method, str(Path(cfg.configs) / f"{method}_tiny.yaml"))
+    epochs = epochs or cfg.epochs
+    steps = max_steps_per_epoch or cfg.max_steps_per_epoch
+    path = Path(run.config)
     base = load_config(path)
-    over = [f"name={method}", f"out_dir={runs}", f"data.source={cfg.data}", f"epochs={cfg.epochs}",
+    over = [f"name={run.label}", f"out_dir={runs}", f"data.source={cfg.data}", f"epochs={epochs}",
             f"eval.pairs={cfg.pairs}", "eval.before=true", "eval.after=false", f"seed={cfg.seed}", "progress=lines",
-            f"optim.lr_steps=[{max(cfg.epochs - 1, 1)}]"]  # fmt: skip
+            f"optim.lr_steps=[{max(epochs - 1, 1)}]", *run.overrides]  # fmt: skip
     if cfg.image_root:
         over.append(f"eval.image_root={cfg.image_root}")
-    if cfg.max_steps_per_epoch:
-        over.append(f"max_steps_per_epoch={cfg.max_steps_per_epoch}")
+    if steps:
+        over.append(f"max_steps_per_epoch={steps}")
     if cfg.batch_size:
         over.append(f"data.batch_size={cfg.batch_size}")
+    if run.server_source:
+        if server is None:
+            raise ValueError(f"{run.label} transfers from the study's {cfg.server_method!r} model; list "
+                             f"{cfg.server_method} before {run.method} in --methods")  # fmt: skip
+        over.append(f"transfer.source={server}")
     fields = {f.name for f in dataclasses.fields(method_class(base.method).Options)}
     if "server_ckpt" in fields:  # a frozen server recogniser: the study's trained unprotected model
         if server is None:
-            raise ValueError(f"{method} needs a trained {cfg.server_method!r} model as its server; list "
-                             f"{cfg.server_method} before {method} in --methods")  # fmt: skip
+            raise ValueError(f"{run.method} needs a trained {cfg.server_method!r} model as its server; list "
+                             f"{cfg.server_method} before {run.method} in --methods")  # fmt: skip
         # the given server replaces the config's own server stage: train the stages the method then has
         over += [f"method_options.server_ckpt={server}", "stages=[]"]
     elif base.stages:
-        over.append("stages=[" + ", ".join(f"{{name: {s.name}, epochs: {cfg.epochs}}}" for s in base.stages) + "]")
+        over.append("stages=[" + ", ".join(f"{{name: {s.name}, epochs: {epochs}}}" for s in base.stages) + "]")
     return load_config(path, over)
+
+
+# ------------------------------------------------------------------------------------------------ budget
+class BudgetError(ValueError):
+    """The budget cannot hold the smallest plan (one step per epoch for every run)."""
+
+
+@dataclass(frozen=True)
+class RunCost:
+    """What the planner knows of one run, in seconds: ``step_s`` = one step in every epoch of every stage (so the
+    run's training costs ``steps_per_epoch * step_s``); ``fixed_s`` = model build, data, verification before and
+    after, client/server timing; ``attack_s`` = its attacks (None: unmeasured, the planner reserves a share);
+    ``full_steps``: steps in a whole epoch (the cap); ``done``: already trained (resumed: costs no training)."""
+
+    label: str
+    step_s: float
+    fixed_s: float
+    full_steps: int
+    attack_s: float | None = None
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    steps: dict[str, int]  # label -> max_steps_per_epoch
+    train_s: dict[str, float]  # label -> estimated training seconds (0 for a finished run)
+    fixed_s: dict[str, float]
+    attack_s: dict[str, float]
+    budget_s: float
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.train_s.values()) + sum(self.fixed_s.values()) + sum(self.attack_s.values())
+
+    def lines(self) -> list[str]:
+        out = [f"plan: {len(self.steps)} runs in {_dur(self.budget_s)} left of the budget (estimated "
+               f"{_dur(self.total_s)}: training {_dur(sum(self.train_s.values()))}, build/eval/timing "
+               f"{_dur(sum(self.fixed_s.values()))}, attacks {_dur(sum(self.attack_s.values()))})"]  # fmt: skip
+        for k, n in self.steps.items():
+            out.append(f"plan:   {k:<24} {n:>5} steps/epoch  train {_dur(self.train_s[k]):>8}  eval "
+                       f"{_dur(self.fixed_s[k]):>8}  attacks {_dur(self.attack_s[k]):>8}")  # fmt: skip
+        return out
+
+
+def _dur(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def plan_budget(costs: list[RunCost], budget_s: float, attack_share: float = 0.4) -> BudgetPlan:
+    """Steps per epoch for every run so that training + evaluation + attacks fit ``budget_s`` seconds.
+
+    Every run gets the same steps per epoch (capped at its whole epoch), so methods are compared at one schedule;
+    the largest such number that fits is taken, so the plan grows monotonically with the budget. Attacks cost
+    their measured ``attack_s`` where known, else an equal part of ``attack_share * budget_s``. BudgetError (one
+    line) when even one step per epoch does not fit."""
+    if not costs:
+        raise BudgetError("the study has no runs to plan")
+    share = attack_share * budget_s / len(costs)  # per run: the runs without a measured figure take it
+    attack = {c.label: share if c.attack_s is None else c.attack_s for c in costs}
+    fixed = {c.label: c.fixed_s for c in costs}
+
+    def train(s: int) -> dict[str, float]:
+        return {c.label: 0.0 if c.done else min(s, c.full_steps) * c.step_s for c in costs}
+
+    def need(s: int) -> float:
+        return sum(train(s).values()) + sum(fixed.values()) + sum(attack.values())
+
+    if need(1) > budget_s:
+        raise BudgetError(f"{max(budget_s, 0) / 60:.2f} min is too small: the smallest plan (1 step per epoch for "
+                          f"{len(costs)} runs, their evaluation and attacks) needs about "
+                          f"{need(1) / 60:.1f} min")  # fmt: skip
+    lo, hi = 1, max(c.full_steps for c in costs)
+    while lo < hi:  # need() is non-decreasing in s: the largest s that fits, by bisection
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid) <= budget_s else (lo, mid - 1)
+    return BudgetPlan({c.label: min(lo, c.full_steps) for c in costs}, train(lo), fixed, attack, budget_s)
 
 
 def _median_time(fn, repeat: int = 3) -> float:
@@ -170,6 +321,65 @@ def _load_rgb(cfg: StudyConfig, n: int) -> torch.Tensor:
     return next(iter(loader))[0]
 
 
+# ------------------------------------------------------------------------------------------------- probe
+def probe_costs(cfg: StudyConfig, runs: list[Run], out: Path, timing_images: torch.Tensor, ledger: dict[str, Any],
+                kinds: tuple[str, ...] = (), log=print) -> list[RunCost]:  # fmt: skip
+    """Time ``cfg.probe_steps`` steps of one epoch per stage of every run (in ``<out>/probe``, removed after) and
+    the method's embedding of the timing batch, for the planner. Cached in ``<out>/probe.json`` so a resumed study
+    does not probe again. The probe's own time is spent from the budget like any other step."""
+    from ppfr.eval.verification import open_pairs
+    from ppfr.methods import load_method
+    from ppfr.train.trainer import Trainer
+
+    cache_path = out / "probe.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    k = cfg.probe_steps
+    key = f"steps={k} batch={cfg.batch_size} data={cfg.data}"
+    cache = cache if cache.get("key") == key else {"key": key, "runs": {}}
+    n_images = len(open_pairs(cfg.pairs, cfg.image_root)[0])
+    probe_dir = out / "probe"
+    server: Path | None = None
+    costs = []
+    for run in runs:
+        c = cache["runs"].get(run.label)
+        if c is None:
+            tcfg = train_config(cfg, run, probe_dir, server, max_steps_per_epoch=k, epochs=1)
+            tcfg = dataclasses.replace(tcfg, eval=dataclasses.replace(tcfg.eval, before=False, after=False))
+            shutil.rmtree(tcfg.run_dir, ignore_errors=True)  # a killed probe's leftovers would be "resumed"
+            t0 = time.perf_counter()
+            trainer = Trainer(tcfg, quiet=True)
+            summary = trainer.fit()
+            wall = time.perf_counter() - t0
+            full = len(trainer.make_loader())
+            batch = tcfg.data.batch_size
+            # a stage's steps took (its images) / (its images per second); the rest of fit() is the fixed part
+            stage_s = sum(min(k, full) * batch / max(st["images_per_s"], 1e-9) for st in summary["stages"])
+            method = load_method(tcfg.run_dir / "model.pt")
+            t1 = time.perf_counter()
+            cost(method, timing_images)
+            cost_s = time.perf_counter() - t1
+            per_image = _median_time(lambda: method.embed(timing_images, generator=torch.Generator().manual_seed(0)),
+                                     repeat=1) / timing_images.shape[0]  # fmt: skip
+            # verification: two views (flip) after training and one before; x1.5 for decoding and the fold sweep
+            eval_s = 1.5 * 3 * n_images * per_image
+            c = {"step_s": stage_s / min(k, full), "fixed_s": max(wall - stage_s, 0.0) + eval_s + cost_s,
+                 "full_steps": full}  # fmt: skip
+            cache["runs"][run.label] = c
+            cache_path.write_text(json.dumps(cache, indent=2) + "\n")
+            log(f"study: probe {run.label}: {c['step_s']:.2f} s per step (all stages, one epoch), fixed "
+                f"{c['fixed_s']:.1f} s, {full} steps per epoch")  # fmt: skip
+        if run.label == cfg.server_method:
+            server = probe_dir / run.label / "model.pt"
+        past = (ledger.get("runs") or {}).get(run.label) or {}
+        res = out / "attack" / run.label / "result.json"
+        finished = res.is_file() and set(kinds) <= set(json.loads(res.read_text()).get("kinds", {}))
+        costs.append(RunCost(run.label, cfg.epochs * c["step_s"], c["fixed_s"], c["full_steps"],
+                             0.0 if finished else past.get("attack_s"),  # a resumed run's finished attacks: free
+                             (out / "runs" / run.label / "model.pt").is_file()))  # fmt: skip
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    return costs
+
+
 # --------------------------------------------------------------------------------------------- the study
 def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
     from ppfr.eval.attacks import common as atk
@@ -183,6 +393,10 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
     runs, attack_dir = out / "runs", out / "attack"
     out.mkdir(parents=True, exist_ok=True)
     t_study = time.perf_counter()
+    ledger_path = out / "elapsed.json"
+    ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {"seconds": 0.0, "invocations": 0}
+    ledger.setdefault("runs", {})
+    study = study_runs(cfg)
     acfg = atk.AttackConfig(steps=cfg.attack_steps, max_train_images=cfg.attack_train_images,
                             max_pairs=cfg.attack_pairs, seed=0, linkage_steps=cfg.linkage_steps)  # fmt: skip
     kinds = parse_kinds(cfg.attack_kinds)
@@ -198,50 +412,102 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
         log(f"study: judge {judge.name} on the original held-out faces: {judge_orig}")
     timing_images = _load_rgb(cfg, cfg.timing_batch)
 
+    plan: BudgetPlan | None = None
+    deadline = float("inf")
+    if cfg.budget_min is not None:
+        # the budget covers every invocation of a resumed study: what earlier ones spent is spent
+        left = cfg.budget_min * 60 - ledger["seconds"]
+        deadline = t_study + left
+        costs = probe_costs(cfg, study, out, timing_images, ledger, tuple(kinds), log=log)
+        try:
+            plan = plan_budget(costs, deadline - time.perf_counter(), cfg.attack_share)
+        except BudgetError as exc:  # the user's figure, and what of it was left after the setup and the probe
+            spent = f", after {ledger['seconds'] / 60:.1f} min of earlier invocations" if ledger["seconds"] else ""
+            raise BudgetError(f"--budget-min {cfg.budget_min:g}: {exc}; that is what was left after the setup and "
+                              f"the probe{spent}") from None
+        plan_path = out / "plan.json"
+        if plan_path.is_file():  # one schedule for the whole study: a resumed one keeps the first plan's steps
+            old = json.loads(plan_path.read_text())["steps"]
+            plan = dataclasses.replace(plan, steps={k: old.get(k, v) for k, v in plan.steps.items()})
+            log("study: keeping the steps per epoch of the first invocation's plan (plan.json)")
+        else:
+            plan_path.write_text(json.dumps({"budget_min": cfg.budget_min, "steps": plan.steps}, indent=2) + "\n")
+        for line in plan.lines():
+            log("study: " + line)
+
     rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
     server_model: Path | None = None
-    for name in cfg.methods:
-        row: dict[str, Any] = {"method": name, "paper": PAPER.get(name, {})}
-        tcfg = train_config(cfg, name, runs, server_model)
+    for run in study:
+        name = run.label
+        row: dict[str, Any] = {"method": run.method, "label": name, "training": run.training,
+                               "paper": PAPER.get(run.method, {}) if run.training == "scratch" else {}}  # fmt: skip
+        spent = ledger["runs"].setdefault(name, {})
+        try:
+            tcfg = train_config(cfg, run, runs, server_model, plan.steps[name] if plan else None)
+        except ValueError as exc:
+            if plan is None:
+                raise
+            skipped.append(f"{name}: {exc}")  # its server or transfer source was skipped for the budget
+            log(f"study: {name}: skipped ({exc})")
+            continue
         model_pt = tcfg.run_dir / "model.pt"
         t0 = time.perf_counter()
         if model_pt.is_file():
             log(f"study: {name}: reusing {model_pt}")
             row["train"] = json.loads((tcfg.run_dir / "summary.json").read_text())
         else:
+            if plan is not None and t0 + plan.train_s[name] + plan.fixed_s[name] > deadline:
+                need = plan.train_s[name] + plan.fixed_s[name]
+                skipped.append(f"{name}: training and attacks (needs about {_dur(need)}, "
+                               f"{_dur(max(deadline - t0, 0))} of the budget left)")  # fmt: skip
+                log(f"study: {name}: skipped, the budget is spent")
+                continue
             log(f"study: {name}: training {tcfg.run_dir}")
             summary = Trainer(tcfg).fit(resume=True)
             row["train"] = {"stages": summary["stages"], "seconds": round(time.perf_counter() - t0, 1),
+                            "max_steps_per_epoch": tcfg.max_steps_per_epoch,
                             **{k: dataclasses.asdict(summary[k]) for k in ("before", "after") if k in summary}}
             (tcfg.run_dir / "summary.json").write_text(json.dumps(row["train"], indent=2) + "\n")
+            spent.update(train_s=row["train"]["seconds"], steps_per_epoch=tcfg.max_steps_per_epoch)
         if name == cfg.server_method:
             server_model = model_pt
+        t1 = time.perf_counter()
         method = load_method(model_pt)
         row["verification"] = verify(method, cfg)
         row["cost"] = cost(method, timing_images)
+        spent["eval_s"] = round(time.perf_counter() - t1, 1)
         log(f"study: {name}: acc {row['verification']['flip']['accuracy'] * 100:.2f} % (flip TTA), "
             f"payload {row['cost']['payload_bytes']} B, client {row['cost']['client_ms']:.1f} ms, "
             f"server {row['cost']['server_ms']:.1f} ms per image")  # fmt: skip
         res_path = attack_dir / name / "result.json"
         done = json.loads(res_path.read_text()).get("kinds", {}) if res_path.is_file() else {}
         todo = [k for k in kinds if k not in done]  # a killed study re-runs only the kinds it has not finished
-        if todo:
+        if todo and time.perf_counter() >= deadline:
+            skipped.append(f"{name}: attacks {', '.join(todo)} (the budget is spent)")
+            log(f"study: {name}: attacks skipped, the budget is spent")
+        elif todo:
+            t2 = time.perf_counter()
             target = dataclasses.replace(atk.resolve_target(str(model_pt)), label=name)
             run_target(target, todo, attack_train, attack_val, acfg, attack_dir, judge, judge_orig, log=log)
-        row["attack"] = json.loads(res_path.read_text())
+            spent["attack_s"] = round(spent.get("attack_s", 0.0) * (len(done) > 0) + time.perf_counter() - t2, 1)
+        row["attack"] = json.loads(res_path.read_text()) if res_path.is_file() else {"kinds": {}}
         rows.append(row)
         (out / "study.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
-    write_summary(attack_dir)
+    if any((attack_dir / r["label"] / "result.json").is_file() for r in rows):
+        write_summary(attack_dir)
     seconds = time.perf_counter() - t_study
     # a resumed study reuses finished steps: the report states the time of all invocations together
-    ledger = out / "elapsed.json"
-    past = json.loads(ledger.read_text()) if ledger.is_file() else {"seconds": 0.0, "invocations": 0}
-    total = {"seconds": past["seconds"] + seconds, "invocations": past["invocations"] + 1}
-    ledger.write_text(json.dumps(total) + "\n")
-    log(f"study: done in {seconds / 60:.1f} min")
+    total = {"seconds": ledger["seconds"] + seconds, "invocations": ledger["invocations"] + 1}
+    ledger_path.write_text(json.dumps({**total, "runs": ledger["runs"]}, indent=2) + "\n")
+    log(f"study: done in {seconds / 60:.1f} min"
+        + (f" (estimated {plan.total_s / 60:.1f} min; budget {cfg.budget_min:g} min, all invocations "
+           f"{total['seconds'] / 60:.1f} min)" if plan else ""))  # fmt: skip
+    for s_ in skipped:
+        log(f"study: skipped {s_}")
     if cfg.report:
-        write_report(cfg, rows, Path(cfg.report), seconds, judge_orig, total)
-        log(f"study: wrote {cfg.report}")
+        write_report(cfg, rows, Path(cfg.report), seconds, judge_orig, total, skipped, plan)
+        log(f"study: wrote {cfg.report} and {Path(cfg.report).parent / 'privacy_utility.png'}")
     return rows
 
 
@@ -273,7 +539,7 @@ def privacy_ordering(rows: list[dict[str, Any]]) -> list[str]:
         inv = ((r.get("attack") or {}).get("kinds", {}).get("inversion")) or {}
         chance = (((r.get("attack") or {}).get("kinds", {}).get("linkage") or {}).get("chance") or {}).get("linkage_top1")
         times = f" ({link / chance:.0f}× chance)" if link is not None and chance else ""
-        txt = (f"{i}. `{r['method']}`: linkage top-1 {_f(link, '.1f', 100)} %{times}, best re-id "
+        txt = (f"{i}. `{r.get('label', r['method'])}`: linkage top-1 {_f(link, '.1f', 100)} %{times}, best re-id "
                f"{_f(reid, '.1f', 100)} %")  # fmt: skip
         if inv.get("ssim") is not None:
             txt += f", closed-form inversion SSIM {inv['ssim']:.3f}"
@@ -296,8 +562,11 @@ def privacy_ordering(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, seconds: float, judge_orig,
-                 total: dict[str, Any] | None = None) -> None:  # fmt: skip
-    """docs/results.md: the table, the papers' figures, the pictures (copied next to the report), the command."""
+                 total: dict[str, Any] | None = None, skipped: list[str] | None = None,
+                 plan: BudgetPlan | None = None) -> None:  # fmt: skip
+    """docs/results.md: the table (a ``training`` column: scratch or the transfer/teacher a run used), the papers'
+    figures, the privacy-utility chart (``privacy_utility.png`` next to the report), the pictures (with the run),
+    what a budget skipped, the command."""
     # The pictures show faces of the dataset: they stay with the run (``<out>/pictures``), never next to a report
     # that may be committed, since a dataset's licence need not allow redistributing its images.
     pics = Path(cfg.out) / "pictures"
@@ -310,9 +579,20 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         "pairs file. The papers' figures come from METHODS.md (IR-50 on MS1Mv2 for accuracy, LFW; a full-scale "
         "U-Net recovery attack trained on BUPT for SSIM/PSNR). This study trains a narrow IR-18 for "
         f"{cfg.epochs} epoch(s) per stage"
-        f"{f' of at most {cfg.max_steps_per_epoch} steps' if cfg.max_steps_per_epoch else ''} on a few thousand "
-        "faces, so absolute accuracies are far lower: "
-        "compare methods with each other and with the unprotected `arcface` row.",
+        f"{f' of at most {cfg.max_steps_per_epoch} steps' if cfg.max_steps_per_epoch and not plan else ''}"
+        + (f" of at most {max(plan.steps.values())} steps (planned for a {cfg.budget_min:g} min budget)"
+           if plan else "")
+        + " on a few thousand faces, so absolute accuracies are far lower: "
+        "compare methods with each other and with the unprotected `arcface` row, the reference point. The "
+        "`training` column says how a row was trained: `scratch` (the method's tiny config from random weights) or "
+        "with a pretrained `transfer` (face-api.js, or for DuetFace the study's ArcFace model.pt) and/or a `distill` "
+        "teacher (docs/methods.md \"Transfer and distillation\"); a method's transfer row follows its scratch row.",
+        "",
+        "![privacy vs utility](privacy_utility.png)",
+        "",
+        "*Privacy vs utility*: x = verification accuracy; left, identity-linkage top-1; right, the best inversion / "
+        "recovery SSIM (lower = more private on both); the marker is the training mode, the star the ArcFace "
+        "reference.",
         "",
         "Privacy is what survives the strongest attacks known (docs/attack.md), scored on held-out identities: "
         "**inversion** solves for the face in closed form where the payload is linear in it, with the per-image "
@@ -320,10 +600,11 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         "judge's embedding space links protected queries to a clean gallery; **recovery** is the papers' learned "
         "U-Net. ↓ = lower is more private; n/a = the kind does not apply to the payload.",
         "",
-        "| method | acc % (10-fold, flip) | AUC | inversion SSIM ↓ | key rec. % | recovery SSIM ↓ | best re-id % ↓ "
+        "| method | training | acc % (10-fold, flip) | AUC | inversion SSIM ↓ | key rec. % | recovery SSIM ↓ "
+        "| best re-id % ↓ "
         "| linkage top-1 % ↓ | linkage TAR@1e-3 % ↓ | payload B/img | client ms/img | server ms/img | paper LFW % "
         "| paper SSIM / PSNR |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     anchors = None
     for r in rows:
@@ -335,22 +616,23 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         if link.get("teacher_clean"):
             anchors = link
         lines.append(
-            f"| {r['method']} | {v['accuracy'] * 100:.2f} ± {v['std'] * 100:.2f} | {v['auc']:.4f} | "
+            f"| {r['method']} | {r.get('training', 'scratch')} | {v['accuracy'] * 100:.2f} ± {v['std'] * 100:.2f} | "
+            f"{v['auc']:.4f} | "
             f"{_kind(inv, 'ssim', '.3f')} | {_kind(inv, 'key_recovery', '.1f', 100)} | {_kind(rec, 'ssim', '.3f')} | "
             f"{_f(max(reids) if reids else None, '.2f', 100)} | {_kind(link, 'linkage_top1', '.1f', 100)} | "
             f"{_f((link.get('tar_at_fmr') or {}).get('1e-3'), '.1f', 100)} | {c['payload_bytes']:,} | "
             f"{c['client_ms']:.1f} | {c['server_ms']:.1f} | {_f(p.get('lfw'), '.2f')}"
             f"{' (' + p['as'] + ')' if 'as' in p else ''} | {paper_priv} |"
         )
-        grid = Path(cfg.out) / "attack" / r["method"] / "grid.png"
+        grid = Path(cfg.out) / "attack" / r.get("label", r["method"]) / "grid.png"
         if grid.is_file():
-            shutil.copyfile(grid, pics / f"{r['method']}.png")
+            shutil.copyfile(grid, pics / f"{r.get('label', r['method'])}.png")
     if anchors:
         t, ch = anchors["teacher_clean"], anchors["chance"]
-        lines.append(f"| *anchor: the judge on clean queries (upper bound)* | | | | | | | "
+        lines.append(f"| *anchor: the judge on clean queries (upper bound)* | | | | | | | | "
                      f"{_f(t.get('linkage_top1'), '.1f', 100)} | {_f((t.get('tar_at_fmr') or {}).get('1e-3'), '.1f', 100)} "
                      "| | | | | |")  # fmt: skip
-        lines.append(f"| *anchor: chance* | | | | | | 50.00 | {_f(ch.get('linkage_top1'), '.1f', 100)} | "
+        lines.append(f"| *anchor: chance* | | | | | | | 50.00 | {_f(ch.get('linkage_top1'), '.1f', 100)} | "
                      f"{_f((ch.get('tar_at_fmr') or {}).get('1e-3'), '.1f', 100)} | | | | | |")  # fmt: skip
     jo = f"{judge_orig.accuracy * 100:.2f} ± {judge_orig.std * 100:.2f} %" if judge_orig is not None else "n/a"
     n_val = next((s.get("n_faces") for r in rows for s in (r.get("attack") or {}).get("kinds", {}).values()
@@ -376,23 +658,31 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         "",
         "Verification accuracy without flip TTA before training (the same model, untrained) and after.",
         "",
-        "| method | acc % untrained → trained | stages: loss first → last | images/s | train time |",
-        "|---|---|---|---|---|",
+        "| method | training | acc % untrained → trained | stages: loss first → last | images/s | train time |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         st = "; ".join(f"{s['stage']}: {s['loss_first']:.2f} → {s['loss_last']:.2f}" for s in r["train"]["stages"])
         ips = ", ".join(f"{s['images_per_s']:.1f}" for s in r["train"]["stages"])
         before = r["train"].get("before", {}).get("accuracy")
         after = r["verification"]["plain"]["accuracy"]
-        lines.append(f"| {r['method']} | {_f(before, '.2f', 100)} → {after * 100:.2f} | {st} | {ips} | "
+        lines.append(f"| {r['method']} | {r.get('training', 'scratch')} | {_f(before, '.2f', 100)} → "
+                     f"{after * 100:.2f} | {st} | {ips} | "
                      f"{r['train'].get('seconds', 0) / 60:.1f} min |")  # fmt: skip
     lines += ["", "## Pictures (original / payload / one row per attack)", "",
               f"One grid per method is written to `{cfg.out}/pictures/` by the run (not committed: they show faces of "
               "the dataset).", ""]  # fmt: skip
     for r in rows:
-        if (pics / f"{r['method']}.png").is_file():
-            lines.append(f"- {r['method']}: [{r['method']}.png]({(rel / (r['method'] + '.png')).as_posix()})")
+        lab = r.get("label", r["method"])
+        if (pics / f"{lab}.png").is_file():
+            lines.append(f"- {lab}: [{lab}.png]({(rel / (lab + '.png')).as_posix()})")
     lines.append("")
+    if plan is not None or skipped:
+        lines += ["## Budget", ""]
+        if plan is not None:
+            lines += ["Planned before training (probe of each run's steps; attacks at their ledger time or a share of "
+                      "the budget):", "", "```", *plan.lines(), "```", ""]  # fmt: skip
+        lines += [f"Skipped for the budget: {'; '.join(skipped)}." if skipped else "Nothing was skipped.", ""]
     import ppfr
 
     lines += [
@@ -412,6 +702,11 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
+    from ppfr.eval.chart import privacy_utility_chart
+
+    if rows:  # after the tables: a missing matplotlib then stops with the report already written
+        privacy_utility_chart(rows, path.parent / "privacy_utility.png",
+                              title=f"ppfr study: {len(rows)} rows, {cfg.epochs} epoch(s) per stage")
 
 
 def _argv(cfg: StudyConfig) -> list[str]:
@@ -428,6 +723,10 @@ def _argv(cfg: StudyConfig) -> list[str]:
                                  ("--threads", cfg.threads, None)):  # fmt: skip
         if value != default:
             args.append(f"{flag} {value}")
+    if cfg.budget_min is not None:
+        args.append(f"--budget-min {cfg.budget_min:g}")
+    if cfg.transfer != (cfg.budget_min is not None):
+        args.append("--transfer" if cfg.transfer else "--no-transfer")
     if cfg.report:
         args.append(f"--report {cfg.report}")
     if tuple(cfg.methods) != DEFAULT_METHODS:
@@ -456,6 +755,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs)")
     ap.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the configs')")
+    ap.add_argument("--budget-min", type=float, default=None,
+                    help="fit the whole study (training, evaluation, attacks) in this many minutes: probe each run, "
+                         "plan its steps per epoch, print the plan, skip what the budget cannot hold")
+    ap.add_argument("--transfer", action=argparse.BooleanOptionalAction, default=None,
+                    help="also train each method with pretrained transfer (+ distillation) where it applies "
+                         "(default: on with --budget-min, off without)")
     ap.add_argument("--report", default=None, help="write the Markdown report here (e.g. docs/results.md)")
     a = ap.parse_args(argv)
     try:
@@ -464,7 +769,9 @@ def main(argv: list[str] | None = None) -> int:
                           attack_train_images=a.attack_train_images, attack_pairs=a.attack_pairs,
                           attack_kinds=a.attack_kinds, linkage_steps=a.linkage_steps, judge=a.judge,
                           judge_dir=a.judge_dir, threads=a.threads, report=a.report,
-                          max_steps_per_epoch=a.max_steps_per_epoch, batch_size=a.batch_size)  # fmt: skip
+                          max_steps_per_epoch=a.max_steps_per_epoch, batch_size=a.batch_size,
+                          budget_min=a.budget_min,
+                          transfer=a.transfer if a.transfer is not None else a.budget_min is not None)  # fmt: skip
         from ppfr.eval.attacks.cli import parse_kinds
 
         parse_kinds(cfg.attack_kinds)
@@ -476,7 +783,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run_study(cfg)
-    except (CheckpointError, AttackError) as exc:  # a damaged run folder or bad attack input: say which, no traceback
+    # a damaged run folder, bad attack input or a budget too small: say which, no traceback
+    except (CheckpointError, AttackError, BudgetError) as exc:
         print(f"ppfr study: {exc}", file=sys.stderr)
         return 2
     return 0

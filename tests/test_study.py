@@ -3,10 +3,12 @@ the study's own arcface model, the report and JSON hold one row per method, and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -69,7 +71,142 @@ def test_study_end_to_end_and_resume(tmp_path):
 
 
 def test_study_refuses_unknown_method(tmp_path):
-    import pytest
-
     with pytest.raises(ValueError, match="nosuch"):
         StudyConfig(data="d", pairs="p", out=str(tmp_path), configs=str(ROOT / "configs"), methods=("nosuch",))
+
+
+# ------------------------------------------------------------------------------------------- budget planner
+def _costs():
+    from ppfr.study import RunCost
+
+    return [RunCost("arcface", step_s=0.5, fixed_s=10.0, full_steps=100),
+            RunCost("arcface_transfer", step_s=1.5, fixed_s=20.0, full_steps=100),
+            RunCost("partialface", step_s=0.8, fixed_s=12.0, full_steps=100, attack_s=30.0)]  # fmt: skip
+
+
+def test_plan_budget_splits_the_budget_and_grows_with_it():
+    from ppfr.study import plan_budget
+
+    plans = [plan_budget(_costs(), m * 60, attack_share=0.4) for m in (3, 4, 6, 10, 30)]
+    for p in plans:
+        assert p.total_s <= p.budget_s  # training + evaluation + attacks fit
+        assert len(set(p.steps.values())) == 1  # one schedule for every run
+        # the runs without a measured attack time take an equal share; the measured one its ledger time
+        assert p.attack_s["arcface"] == pytest.approx(0.4 * p.budget_s / 3) and p.attack_s["partialface"] == 30.0
+        s = p.steps["arcface"]
+        assert p.train_s["arcface_transfer"] == pytest.approx(1.5 * s)
+        if s < 100:  # the largest fitting schedule: one more step per epoch (0.5 + 1.5 + 0.8 s) would not fit
+            assert p.total_s + 2.8 > p.budget_s
+    steps = [p.steps["arcface"] for p in plans]
+    assert steps == sorted(steps) and steps[0] < steps[-2]  # monotone in the budget, and it matters
+    assert steps[-1] == 100  # capped at a whole epoch
+    # a finished (resumed) run costs no training
+    from dataclasses import replace
+
+    done = plan_budget([replace(c, done=c.label == "arcface_transfer") for c in _costs()], 4 * 60)
+    assert done.train_s["arcface_transfer"] == 0.0 and done.steps["arcface"] >= plans[1].steps["arcface"]
+
+
+def test_plan_budget_refuses_a_budget_too_small():
+    from ppfr.study import BudgetError, plan_budget
+
+    with pytest.raises(BudgetError, match="too small") as exc:
+        plan_budget(_costs(), 60.0)  # fixed 42 s + 30 s measured attack + a share: 1 step per epoch does not fit
+    assert "\n" not in str(exc.value) and str(exc.value).startswith("1.00 min is too small")
+
+
+def test_budget_cli_refuses_a_budget_too_small(tmp_path, capsys):
+    from ppfr.study import main
+
+    data, pairs = _dataset(tmp_path)
+    rc = main(["--data", str(data), "--pairs", str(pairs), "--out", str(tmp_path / "s"), "--configs",
+               str(ROOT / "configs"), "--methods", "arcface", "--judge", "none", "--batch-size", "4",
+               "--attack-train-images", "8", "--budget-min", "0.01", "--no-transfer"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("ppfr study: --budget-min 0.01: ")
+    assert "too small" in err and "\n" not in err
+
+
+def test_study_runs_pair_scratch_and_transfer_rows(tmp_path):
+    from ppfr.study import study_runs
+
+    cfg = StudyConfig(data="d", pairs="p", out=str(tmp_path), configs=str(ROOT / "configs"), transfer=True)
+    runs = {r.label: r for r in study_runs(cfg)}
+    labels = [r.label for r in study_runs(cfg)]
+    assert labels.index("arcface_transfer") == labels.index("arcface") + 1  # beside its scratch row
+    assert runs["arcface_transfer"].training == "transfer+distill" and runs["arcface"].training == "scratch"
+    assert runs["partialface_transfer"].training == "transfer+distill"
+    assert runs["minusface_transfer"].training == "transfer+distill"
+    assert runs["duetface_transfer"].server_source  # DuetFace refuses face-api.js: the study's ArcFace model.pt
+    assert "profacec_transfer" not in runs and "arcface_fd_transfer" not in runs
+    assert [r.label for r in study_runs(dataclasses.replace(cfg, transfer=False))] == list(cfg.methods)
+
+
+# ------------------------------------------------------------------------------------------- report and chart
+def _fake_row(method: str, training: str, acc: float, link: float | None, ssim: float | None) -> dict:
+    kinds = {} if link is None else {"linkage": {"linkage_top1": link, "chance": {"linkage_top1": 0.05}},
+                                     "recovery": {"ssim": ssim, "reid_acc": 0.6}}  # fmt: skip
+    label = method if training == "scratch" else f"{method}_transfer"
+    return {"method": method, "label": label, "training": training, "paper": {},
+            "verification": {"flip": {"accuracy": acc, "std": 0.01, "auc": 0.9}, "plain": {"accuracy": acc - 0.01}},
+            "cost": {"payload_bytes": 1000, "client_ms": 1.0, "server_ms": 2.0},
+            "train": {"stages": [{"stage": "train", "loss_first": 9.0, "loss_last": 5.0, "images_per_s": 50.0}],
+                      "before": {"accuracy": 0.5}, "seconds": 30.0},
+            "attack": {"kinds": kinds}}  # fmt: skip
+
+
+def test_report_has_training_column_chart_and_command(tmp_path):
+    from ppfr.eval.chart import chart_points
+    from ppfr.study import write_report
+
+    rows = [_fake_row("arcface", "scratch", 0.80, 0.60, 0.95),
+            _fake_row("arcface", "transfer+distill", 0.92, 0.70, 0.95),
+            _fake_row("partialface", "scratch", 0.66, 0.20, 0.40),
+            _fake_row("partialface", "transfer+distill", 0.78, 0.30, 0.45),
+            _fake_row("minusface", "scratch", 0.60, None, None)]  # attacks skipped: a row, no point  # fmt: skip
+    cfg = StudyConfig(data="d", pairs="p", out=str(tmp_path / "out"), configs=str(ROOT / "configs"), transfer=True,
+                      budget_min=30, methods=("arcface", "partialface", "minusface"))  # fmt: skip
+    report = tmp_path / "docs" / "results.md"
+    write_report(cfg, rows, report, 60.0, None, {"seconds": 60.0, "invocations": 1}, ["minusface: attacks"])
+    text = report.read_text()
+    assert "| arcface | scratch | 80.00" in text and "| arcface | transfer+distill | 92.00" in text
+    assert "| partialface | transfer+distill | 78.00" in text and "| training |" in text
+    assert "(privacy_utility.png)" in text and "ppfr study --data d --pairs p" in text and "--budget-min 30" in text
+    assert "Skipped for the budget: minusface: attacks" in text
+    png = report.parent / "privacy_utility.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    pts = {(p["label"]): p for p in chart_points(rows)}
+    assert pts["partialface"]["linkage"] == pytest.approx(20.0) and pts["arcface_transfer"]["accuracy"] == 92.0
+    assert pts["minusface"]["linkage"] is None and pts["minusface"]["ssim"] is None
+
+
+def test_budget_study_plans_prints_and_skips_what_does_not_fit(tmp_path, monkeypatch):
+    import ppfr.study as study
+
+    data, pairs = _dataset(tmp_path)
+    real = study.plan_budget
+    # the planner's own estimate for partialface made too large to fit: the study must skip it cleanly, not overrun
+    monkeypatch.setattr(study, "plan_budget", lambda costs, budget_s, share: dataclasses.replace(
+        real(costs, budget_s, share), train_s={"arcface": 1.0, "partialface": 1e6}))  # fmt: skip
+    cfg = StudyConfig(data=str(data), pairs=str(pairs), out=str(tmp_path / "study"), configs=str(ROOT / "configs"),
+                      methods=("arcface", "partialface"), epochs=1, batch_size=4, attack_steps=1,
+                      attack_train_images=8, attack_pairs=None, judge="none", timing_batch=2, budget_min=10,
+                      report=str(tmp_path / "docs" / "results.md"))  # fmt: skip
+    logs: list[str] = []
+    rows = study.run_study(cfg, log=logs.append)
+    first_train = logs.index(next(m for m in logs if m.startswith("study: arcface: training")))
+    plan_lines = [m for m in logs[:first_train] if "plan:" in m]
+    assert len(plan_lines) == 3 and "arcface " in plan_lines[1] and "steps/epoch" in plan_lines[1]  # before training
+    steps = json.loads((tmp_path / "study" / "plan.json").read_text())["steps"]["arcface"]
+    assert 1 <= steps <= 4  # 16 faces / batch 4: at most a whole epoch
+    assert [r["label"] for r in rows] == ["arcface"] and rows[0]["training"] == "scratch"
+    assert rows[0]["train"]["max_steps_per_epoch"] == steps
+    assert any(m.startswith("study: skipped partialface: training") for m in logs)
+    assert any("estimated" in m and "budget 10 min" in m for m in logs if m.startswith("study: done"))
+    report = (tmp_path / "docs" / "results.md").read_text()
+    assert "Skipped for the budget: partialface: training" in report and "--budget-min 10" in report
+    assert (tmp_path / "docs" / "privacy_utility.png").is_file()
+    ledger = json.loads((tmp_path / "study" / "elapsed.json").read_text())
+    assert ledger["invocations"] == 1 and set(ledger["runs"]["arcface"]) >= {"train_s", "eval_s", "attack_s"}
+    assert not (tmp_path / "study" / "probe").exists()  # the probe's runs are removed; probe.json stays
+    assert set(json.loads((tmp_path / "study" / "probe.json").read_text())["runs"]) == {"arcface", "partialface"}
