@@ -3,7 +3,9 @@
 For every tiny config, on real JPEG faces (celeba112's ``train/`` folder when ``../shared`` is beside the repo,
 else a folder of synthetic JPEG faces written once to a temporary directory), three numbers in one run:
 
-* ``bare``: ``Trainer.train_step`` on one fixed batch in a loop (forward, backward, SGD; what bench_train.py times);
+* ``bare``: ``Trainer.train_step`` on one fixed batch in a loop (forward, backward, SGD; what bench_train.py times;
+  with ``distill:`` the teacher's embedding of that batch is cached after the first step, so the teacher's cost is
+  what the end-to-end run must absorb);
 * ``end_to_end``: ``ppfr train`` itself (``Trainer.fit``: decode, flip, batching, device copy, lr schedule, logging,
   checkpoints) over the same number of steps, from the steady state: the wall time of a run of ``STEPS + WARM``
   steps minus that of a run of ``WARM`` steps, so model construction, the first (allocating) steps and the loader's
@@ -28,7 +30,9 @@ from ppfr.train.config import load_config
 from ppfr.train.trainer import Trainer, build_head, build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").glob("*_tiny.yaml"))
+# the tiny configs, and the transfer configs: their teacher (face-api.js on every clean face, cached per image) is
+# part of what has to keep up
+CONFIGS = sorted(p for pat in ("*_tiny.yaml", "*_transfer.yaml") for p in (ROOT / "configs").glob(pat))
 CELEBA = ROOT.parent / "shared" / "data" / "celeba112" / "train"
 STEPS = int(os.environ.get("PPFR_BENCH_E2E_STEPS", "12"))
 WARM = 3
@@ -77,10 +81,19 @@ def _bare_images_per_s(cfg, stage: str, num_classes: int, steps: int) -> float:
     trainer = Trainer(cfg, quiet=True)
     torch.manual_seed(0)
     method = build_method(cfg.method, **cfg.method_options)
-    method.set_stage(stage)
+    trainer.setup_transfer(method)  # transfer: / distill: as ppfr train applies them (no-ops otherwise)
+    st = method.set_stage(stage)
     method.train()
+    if trainer.transfer is not None:  # epoch 0 of the stage, as the end-to-end run (frozen while freeze_epochs > 0)
+        trainer.transfer.apply_epoch(method, st.trainable, 0)
     head = build_head(cfg, num_classes, method.options.embedding_size)
-    opt = build_optimizer(method, head, cfg)
+    proj, pretrained = None, frozenset()
+    if trainer.distiller is not None:
+        proj = trainer.distiller.new_projection(method.options.embedding_size, cfg.data.image_size,
+                                                trainer.distill_start())  # fmt: skip
+    if trainer.transfer is not None:
+        pretrained = trainer.transfer.pretrained_ids()
+    opt = build_optimizer(method, head, cfg, pretrained, proj)
     b = cfg.data.batch_size
     g = torch.Generator().manual_seed(1)
     x = torch.rand(b, 3, 112, 112, generator=g) * 2 - 1
