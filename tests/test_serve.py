@@ -221,15 +221,20 @@ def test_client_and_serve_cli(model_pt, faces, tmp_path, stack):
         assert ppfr_main(["client", *base, "identify", str(tmp_path / "missing.jpg")]) == 2
         assert Client(url, TOKEN).identify(_payload(ppfr.methods.load_method(model_pt), faces[names[1]][0]))[
             "candidates"][0]["name"] == names[1]  # fmt: skip
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        _sigterm_and_expect_clean_stop(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    assert set(_reopen(tmp_path / "g").identities()) == set(names)
+
+
+def _sigterm_and_expect_clean_stop(proc) -> None:
+    """SIGTERM a `ppfr serve` process: it drains, prints "stopped" and exits 0."""
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "stopped" in out
-    assert set(_reopen(tmp_path / "g").identities()) == set(names)
 
 
 def _children(pid: int) -> list[int]:
@@ -282,14 +287,11 @@ def test_serve_workers_answer_concurrent_identify(model_pt, method, faces, tmp_p
               f"{len(errors)} errors")  # fmt: skip
         assert errors == []
         c.close()
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        _sigterm_and_expect_clean_stop(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, err
-    assert "stopped" in out
     assert set(_reopen(tmp_path / "gallery.db").identities()) == set(names)
 
 

@@ -79,6 +79,17 @@ def normalize(x: np.ndarray) -> np.ndarray:
     return x / norms
 
 
+def check_probes(probes: np.ndarray, embedding_size: int, top_k: int | None = None) -> np.ndarray:
+    """(M, D) probes L2-normalised to float32, refused unless D == ``embedding_size`` (and ``top_k`` >= 1 if given):
+    the argument checks every gallery backend's ``scores`` / ``search`` share."""
+    probes = normalize(probes)
+    if probes.shape[1] != embedding_size:
+        raise ValueError(f"expected {embedding_size}-d probes, got {probes.shape[1]}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    return probes
+
+
 def _faiss():
     """The faiss module if it is installed, else None (imported on first use so the gallery never needs it)."""
     try:
@@ -262,11 +273,7 @@ class Gallery:
 
     def search(self, probes: np.ndarray, top_k: int = 5) -> list[list[Match]]:
         """For each probe, the ``top_k`` identities with the highest best-cosine, best first (exact)."""
-        probes = normalize(probes)
-        if probes.shape[1] != self.embedding_size:
-            raise ValueError(f"expected {self.embedding_size}-d probes, got {probes.shape[1]}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        probes = check_probes(probes, self.embedding_size, top_k)
         with self._lock:
             n_id = len(self._names)
             if n_id == 0:

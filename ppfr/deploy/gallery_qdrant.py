@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ppfr.deploy.gallery import GalleryError, Match, check_name, normalize
+from ppfr.deploy.gallery import GalleryError, Match, check_name, check_probes, normalize
 
 FORMAT = "ppfr-gallery-qdrant"
 FORMAT_VERSION = 1
@@ -207,18 +207,12 @@ class QdrantGallery:
     def verify(self, name: str, probes: np.ndarray) -> np.ndarray:
         """(M,) best cosine of each of the (M, D) probes to identity ``name``'s embeddings (exact). KeyError if
         not enrolled."""
-        probes = normalize(probes)
-        if probes.shape[1] != self.embedding_size:
-            raise ValueError(f"expected {self.embedding_size}-d probes, got {probes.shape[1]}")
+        probes = check_probes(probes, self.embedding_size)
         return (probes @ self.embeddings(name).T).max(axis=1)
 
     def search(self, probes: np.ndarray, top_k: int = 5) -> list[list[Match]]:
         """For each of the (M, D) probes, the ``top_k`` identities with the highest best-cosine, best first."""
-        probes = normalize(probes)
-        if probes.shape[1] != self.embedding_size:
-            raise ValueError(f"expected {self.embedding_size}-d probes, got {probes.shape[1]}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        probes = check_probes(probes, self.embedding_size, top_k)
         params = self._m.SearchParams(exact=True) if self.exact else None
         out = []
         with self._lock:

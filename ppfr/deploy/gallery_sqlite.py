@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ppfr.deploy.gallery import GalleryError, Match, check_name, normalize
+from ppfr.deploy.gallery import GalleryError, Match, check_name, check_probes, normalize
 from ppfr.deploy.gallery_index import VectorIndex
 
 FORMAT = "ppfr-gallery-sqlite"
@@ -339,19 +339,13 @@ class SqliteGallery:
     def verify(self, name: str, probes: np.ndarray) -> np.ndarray:
         """(M,) best cosine in [-1, 1] of each of the (M, D) probes to identity ``name``'s embeddings (exact,
         whatever the index). KeyError if not enrolled."""
-        probes = normalize(probes)
-        if probes.shape[1] != self.embedding_size:
-            raise ValueError(f"expected {self.embedding_size}-d probes, got {probes.shape[1]}")
+        probes = check_probes(probes, self.embedding_size)
         return (probes @ self.embeddings(name).T).max(axis=1)
 
     def search(self, probes: np.ndarray, top_k: int = 5) -> list[list[Match]]:
         """For each of the (M, D) probes, the ``top_k`` identities with the highest best-cosine, best first
         (exact with the flat index, approximate with HNSW and a trained IVF)."""
-        probes = normalize(probes)
-        if probes.shape[1] != self.embedding_size:
-            raise ValueError(f"expected {self.embedding_size}-d probes, got {probes.shape[1]}")
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        probes = check_probes(probes, self.embedding_size, top_k)
         with self._lock:
             self._sync()
             k = min(top_k, len(self._ids))
