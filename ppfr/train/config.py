@@ -148,8 +148,9 @@ class TransferConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Teacher distillation: ``weight * (1 - cos)`` between the server embedding (through a learned projection where
-    sizes differ) and the teacher's embedding of the clean image, added to the stage's loss. ``teacher``: null (off)
+    """Teacher distillation: ``weight * (1 - cos(u - mean u, t - mean t))`` (batch-centred cosine) between the server
+    embedding u (through a learned projection where sizes differ) and the teacher's embedding t of the clean image,
+    added to the stage's loss. ``teacher``: null (off)
     | ``faceapi`` (weights in ``teacher_dir``) | a ppfr model.pt. ``cache``: keep teacher embeddings per image."""
 
     teacher: Optional[str] = None
