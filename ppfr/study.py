@@ -19,6 +19,12 @@ model.pt as transfer source), plans one common number of steps per epoch so that
 fit in M minutes (attacks at their time in the ``<out>/elapsed.json`` ledger, else a share of the budget), prints
 the plan, skips what no longer fits and reports it, and prints the estimated and actual totals.
 
+With ``--holdout-ids N`` the study first takes N identities of ``--data`` out of training (a seeded draw; nobody,
+attacker included, trains on them), writes ``<out>/holdout/train.txt`` (a TFace index of the rest, what every run
+trains on) and ``<out>/holdout/pairs.txt`` (10 identity-disjoint folds over the held-out identities), evaluates
+every trained model on those pairs too, and reports whether the methods keep their accuracy ordering there (the
+recipes were chosen by measuring on ``--pairs``; the held-out pairs were never looked at).
+
 Every step is resumable: a finished training run (``<out>/runs/<method>/model.pt``) and a finished attack
 (``<out>/attack/<method>/result.json``) are reused, so a killed study continues where it stopped.
 """
@@ -88,12 +94,17 @@ class StudyConfig:
     transfer: bool = False  # also train each method with a pretrained transfer (+ distillation) where one applies
     attack_share: float = 0.4  # the budget's share reserved for the attacks when the ledger has no measured figure
     probe_steps: int = 2  # training steps per stage the planner times for each run
+    holdout_ids: int = 0  # identities of ``data`` kept out of training for the ordering check (see split_holdout)
+    holdout_pairs: str | None = None  # set by run_study: the held-out identities' pairs file
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.attack_steps < 1 or self.timing_batch < 1:
             raise ValueError("epochs, attack_steps and timing_batch must be positive")
         if self.budget_min is not None and not self.budget_min > 0:
             raise ValueError(f"--budget-min must be positive, got {self.budget_min}")
+        if self.holdout_ids < 0 or 0 < self.holdout_ids < 20:
+            raise ValueError(f"--holdout-ids must be 0 or at least 20 (10 folds of 2 identities), got "
+                             f"{self.holdout_ids}")
         if not 0 <= self.attack_share < 1 or self.probe_steps < 1:
             raise ValueError("attack_share must be in [0, 1) and probe_steps positive")
         unknown = [m for m in self.methods if not (Path(self.configs) / f"{m}_tiny.yaml").is_file()]
@@ -190,9 +201,98 @@ def train_config(cfg: StudyConfig, method: str | Run, runs: Path, server: Path |
     return load_config(path, over)
 
 
+# ----------------------------------------------------------------------------------------------- holdout
+HOLDOUT_PAIRS_PER_FOLD = 150  # genuine and impostor pairs per fold, as celeba112's val_pairs.txt and LFW (300/fold)
+
+
+def split_holdout(data: str | Path, n: int, folder: Path, seed: int) -> tuple[Path, Path]:
+    """Take ``n`` identities of the image folder ``data`` out of training (seeded draw): write ``folder/train.txt``
+    (TFace 2-field index of the other identities, labels 0..K-1) and ``folder/pairs.txt`` (10 identity-disjoint
+    folds of the held-out identities, ``HOLDOUT_PAIRS_PER_FOLD`` genuine + impostor pairs each, fewer where the
+    identities hold fewer). Returns (train index, pairs file). Idempotent for the same arguments (a resumed study
+    trains on the same split). HoldoutError: ``data`` is not an image folder, or too few identities."""
+    import random
+
+    from ppfr.data import DataFormatError
+    from ppfr.data.pairs import make_pairs, write_pairs_folds
+    from ppfr.data.sources import FolderSource
+
+    try:
+        src = FolderSource(data)
+    except DataFormatError as exc:
+        raise HoldoutError(f"--holdout-ids needs --data to be an image folder: {exc}") from None
+    ids = list(src.identities)
+    if n > len(ids) - 2:
+        raise HoldoutError(f"--holdout-ids {n}: {data} has {len(ids)} identities; at least 2 must stay for training")
+    held = set(random.Random(seed).sample(ids, n))
+    folder.mkdir(parents=True, exist_ok=True)
+    by_id: dict[str, list[Path]] = {}
+    for f, y in zip(src.files, src.labels):
+        by_id.setdefault(ids[int(y)], []).append(Path(f).resolve())
+    keep = [i for i in ids if i not in held]
+    label = {name: k for k, name in enumerate(keep)}
+    train = folder / "train.txt"
+    body = "".join(f"{f}\t{label[i]}\n" for i in keep for f in by_id[i])
+    pairs = folder / "pairs.txt"
+    held_images = {i: by_id[i] for i in sorted(held)}
+    per_fold = HOLDOUT_PAIRS_PER_FOLD
+    while True:  # the largest per-fold count (up to 150) the held-out identities can fill
+        try:
+            drawn = make_pairs(held_images, folds=10, per_fold=per_fold, seed=seed)
+            break
+        except ValueError:
+            if per_fold == 1:
+                raise HoldoutError(f"--holdout-ids {n}: the held-out identities hold too few images for 10 folds "
+                                 "of pairs") from None
+            per_fold = max(1, per_fold * 2 // 3)
+    _write_if_changed(train, f"# ppfr study: training identities ({len(keep)}; {n} held out)\n" + body)
+    tmp = folder / "pairs.txt.tmp"
+    write_pairs_folds(tmp, drawn)
+    _write_if_changed(pairs, tmp.read_text())
+    tmp.unlink()
+    return train, pairs
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
+def ordering_check(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Do the rows keep their accuracy (flip TTA) ordering on the held-out identities? Kendall's tau-a over the
+    rows both sets scored, and every swapped pair with its gaps (a swap inside one std of either set is noise)."""
+    scored = [(r.get("label", r["method"]), r["verification"]["flip"], r["holdout"]["flip"]) for r in rows
+              if r.get("holdout")]  # fmt: skip
+    if len(scored) < 2:
+        return None
+    concordant = discordant = 0
+    swaps = []
+    for i in range(len(scored)):
+        for j in range(i + 1, len(scored)):
+            (a, va, ha), (b, vb, hb) = scored[i], scored[j]
+            dv, dh = va["accuracy"] - vb["accuracy"], ha["accuracy"] - hb["accuracy"]
+            if dv * dh > 0:
+                concordant += 1
+            elif dv * dh < 0:
+                discordant += 1
+                hi, lo = (a, b) if dv > 0 else (b, a)
+                noise = max(va["std"], vb["std"], ha["std"], hb["std"])
+                swaps.append({"above": hi, "below": lo, "gap_pairs": abs(dv), "gap_holdout": abs(dh),
+                              "within_std": max(abs(dv), abs(dh)) <= noise})  # fmt: skip
+    n_pairs = len(scored) * (len(scored) - 1) // 2
+    by_v = [s[0] for s in sorted(scored, key=lambda s: -s[1]["accuracy"])]
+    by_h = [s[0] for s in sorted(scored, key=lambda s: -s[2]["accuracy"])]
+    return {"kendall_tau": (concordant - discordant) / n_pairs, "swaps": swaps, "order_pairs": by_v,
+            "order_holdout": by_h, "kept": not swaps, "kept_beyond_noise": all(s["within_std"] for s in swaps)}
+
+
 # ------------------------------------------------------------------------------------------------ budget
 class BudgetError(ValueError):
     """The budget cannot hold the smallest plan (one step per epoch for every run)."""
+
+
+class HoldoutError(ValueError):
+    """``--holdout-ids`` cannot be carved out of ``--data`` (not an image folder, too few identities or images)."""
 
 
 @dataclass(frozen=True)
@@ -337,6 +437,7 @@ def probe_costs(cfg: StudyConfig, runs: list[Run], out: Path, timing_images: tor
     key = f"steps={k} batch={cfg.batch_size} data={cfg.data}"
     cache = cache if cache.get("key") == key else {"key": key, "runs": {}}
     n_images = len(open_pairs(cfg.pairs, cfg.image_root)[0])
+    n_held = len(open_pairs(cfg.holdout_pairs)[0]) if cfg.holdout_pairs else 0
     probe_dir = out / "probe"
     server: Path | None = None
     costs = []
@@ -360,8 +461,9 @@ def probe_costs(cfg: StudyConfig, runs: list[Run], out: Path, timing_images: tor
             cost_s = time.perf_counter() - t1
             per_image = _median_time(lambda: method.embed(timing_images, generator=torch.Generator().manual_seed(0)),
                                      repeat=1) / timing_images.shape[0]  # fmt: skip
-            # verification: two views (flip) after training and one before; x1.5 for decoding and the fold sweep
-            eval_s = 1.5 * 3 * n_images * per_image
+            # verification: two views (flip) after training and one before (+ two views of the held-out pairs);
+            # x1.5 for decoding and the fold sweep
+            eval_s = 1.5 * (3 * n_images + 2 * n_held) * per_image
             c = {"step_s": stage_s / min(k, full), "fixed_s": max(wall - stage_s, 0.0) + eval_s + cost_s,
                  "full_steps": full}  # fmt: skip
             cache["runs"][run.label] = c
@@ -393,6 +495,12 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
     runs, attack_dir = out / "runs", out / "attack"
     out.mkdir(parents=True, exist_ok=True)
     t_study = time.perf_counter()
+    user_cfg = cfg  # what the user typed: the report prints it
+    if cfg.holdout_ids:
+        train_index, held_pairs = split_holdout(cfg.data, cfg.holdout_ids, out / "holdout", cfg.seed)
+        cfg = dataclasses.replace(cfg, data=str(train_index), holdout_pairs=str(held_pairs))
+        log(f"study: {cfg.holdout_ids} identities held out of training; every run trains on {train_index}, and is "
+            f"also evaluated on {held_pairs}")  # fmt: skip
     ledger_path = out / "elapsed.json"
     ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {"seconds": 0.0, "invocations": 0}
     ledger.setdefault("runs", {})
@@ -475,9 +583,12 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
         t1 = time.perf_counter()
         method = load_method(model_pt)
         row["verification"] = verify(method, cfg)
+        if cfg.holdout_pairs:
+            row["holdout"] = verify(method, dataclasses.replace(cfg, pairs=cfg.holdout_pairs, image_root=None))
         row["cost"] = cost(method, timing_images)
         spent["eval_s"] = round(time.perf_counter() - t1, 1)
-        log(f"study: {name}: acc {row['verification']['flip']['accuracy'] * 100:.2f} % (flip TTA), "
+        held = f", held-out ids {row['holdout']['flip']['accuracy'] * 100:.2f} %" if "holdout" in row else ""
+        log(f"study: {name}: acc {row['verification']['flip']['accuracy'] * 100:.2f} % (flip TTA){held}, "
             f"payload {row['cost']['payload_bytes']} B, client {row['cost']['client_ms']:.1f} ms, "
             f"server {row['cost']['server_ms']:.1f} ms per image")  # fmt: skip
         res_path = attack_dir / name / "result.json"
@@ -505,8 +616,13 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
            f"{total['seconds'] / 60:.1f} min)" if plan else ""))  # fmt: skip
     for s_ in skipped:
         log(f"study: skipped {s_}")
+    check = ordering_check(rows)
+    if check is not None:
+        log(f"study: ordering on the held-out identities: {'kept' if check['kept'] else 'changed'} (Kendall tau "
+            f"{check['kendall_tau']:.2f}, {len(check['swaps'])} swapped pair(s))")  # fmt: skip
+        (out / "ordering.json").write_text(json.dumps(check, indent=2) + "\n")
     if cfg.report:
-        write_report(cfg, rows, Path(cfg.report), seconds, judge_orig, total, skipped, plan)
+        write_report(user_cfg, rows, Path(cfg.report), seconds, judge_orig, total, skipped, plan)
         log(f"study: wrote {cfg.report} and {Path(cfg.report).parent / 'privacy_utility.png'}")
     return rows
 
@@ -561,6 +677,30 @@ def privacy_ordering(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _held(r: dict[str, Any]) -> str:
+    h = (r.get("holdout") or {}).get("flip")
+    return f"{h['accuracy'] * 100:.2f} ± {h['std'] * 100:.2f}" if h else "–"
+
+
+def ordering_lines(check: dict[str, Any] | None, user_cfg: StudyConfig) -> list[str]:
+    """The report's paragraph on the held-out identities' ordering check (nothing without ``--holdout-ids``)."""
+    if check is None:
+        return []
+    verdict = ("**kept**" if check["kept"] else
+               "**kept up to noise**: every swapped pair is within one std of a set" if check["kept_beyond_noise"]
+               else "**changed**")  # fmt: skip
+    out = ["", f"**Ordering on identities nobody trained on** ({user_cfg.holdout_ids} identities of the training "
+           "folder held out of every run and of the attacker's training set; 10 identity-disjoint folds of pairs of "
+           f"them, `acc % held-out ids`): {verdict}; Kendall τ {check['kendall_tau']:.2f} between the two columns.",
+           "", f"- by `--pairs`: {' > '.join(check['order_pairs'])}",
+           f"- by held-out ids: {' > '.join(check['order_holdout'])}"]  # fmt: skip
+    for sw in check["swaps"]:
+        out.append(f"- swapped: `{sw['above']}` above `{sw['below']}` on `--pairs` by {sw['gap_pairs'] * 100:.2f} "
+                   f"points, below it on the held-out ids by {sw['gap_holdout'] * 100:.2f}"
+                   + (" (within one std: noise)" if sw["within_std"] else ""))  # fmt: skip
+    return out
+
+
 def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, seconds: float, judge_orig,
                  total: dict[str, Any] | None = None, skipped: list[str] | None = None,
                  plan: BudgetPlan | None = None) -> None:  # fmt: skip
@@ -600,11 +740,11 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         "judge's embedding space links protected queries to a clean gallery; **recovery** is the papers' learned "
         "U-Net. ↓ = lower is more private; n/a = the kind does not apply to the payload.",
         "",
-        "| method | training | acc % (10-fold, flip) | AUC | inversion SSIM ↓ | key rec. % | recovery SSIM ↓ "
-        "| best re-id % ↓ "
+        "| method | training | acc % (10-fold, flip) | acc % held-out ids | AUC | inversion SSIM ↓ | key rec. % "
+        "| recovery SSIM ↓ | best re-id % ↓ "
         "| linkage top-1 % ↓ | linkage TAR@1e-3 % ↓ | payload B/img | client ms/img | server ms/img | paper LFW % "
         "| paper SSIM / PSNR |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     anchors = None
     for r in rows:
@@ -617,7 +757,7 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
             anchors = link
         lines.append(
             f"| {r['method']} | {r.get('training', 'scratch')} | {v['accuracy'] * 100:.2f} ± {v['std'] * 100:.2f} | "
-            f"{v['auc']:.4f} | "
+            f"{_held(r)} | {v['auc']:.4f} | "
             f"{_kind(inv, 'ssim', '.3f')} | {_kind(inv, 'key_recovery', '.1f', 100)} | {_kind(rec, 'ssim', '.3f')} | "
             f"{_f(max(reids) if reids else None, '.2f', 100)} | {_kind(link, 'linkage_top1', '.1f', 100)} | "
             f"{_f((link.get('tar_at_fmr') or {}).get('1e-3'), '.1f', 100)} | {c['payload_bytes']:,} | "
@@ -629,14 +769,15 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
             shutil.copyfile(grid, pics / f"{r.get('label', r['method'])}.png")
     if anchors:
         t, ch = anchors["teacher_clean"], anchors["chance"]
-        lines.append(f"| *anchor: the judge on clean queries (upper bound)* | | | | | | | | "
+        lines.append(f"| *anchor: the judge on clean queries (upper bound)* | | | | | | | | | "
                      f"{_f(t.get('linkage_top1'), '.1f', 100)} | {_f((t.get('tar_at_fmr') or {}).get('1e-3'), '.1f', 100)} "
                      "| | | | | |")  # fmt: skip
-        lines.append(f"| *anchor: chance* | | | | | | | 50.00 | {_f(ch.get('linkage_top1'), '.1f', 100)} | "
+        lines.append(f"| *anchor: chance* | | | | | | | | 50.00 | {_f(ch.get('linkage_top1'), '.1f', 100)} | "
                      f"{_f((ch.get('tar_at_fmr') or {}).get('1e-3'), '.1f', 100)} | | | | | |")  # fmt: skip
     jo = f"{judge_orig.accuracy * 100:.2f} ± {judge_orig.std * 100:.2f} %" if judge_orig is not None else "n/a"
     n_val = next((s.get("n_faces") for r in rows for s in (r.get("attack") or {}).get("kinds", {}).values()
                   if s.get("n_faces")), "?")  # fmt: skip
+    lines += ordering_lines(ordering_check(rows), user_cfg=cfg)
     lines += ["", "**Measured privacy ordering** (most private first, by linkage top-1, the strongest attack that "
               "applies to every method; ties broken by the best re-identification):", ""]  # fmt: skip
     lines += privacy_ordering(rows)
@@ -725,8 +866,12 @@ def _argv(cfg: StudyConfig) -> list[str]:
             args.append(f"{flag} {value}")
     if cfg.budget_min is not None:
         args.append(f"--budget-min {cfg.budget_min:g}")
+        if cfg.attack_share != StudyConfig.attack_share:
+            args.append(f"--attack-share {cfg.attack_share:g}")
     if cfg.transfer != (cfg.budget_min is not None):
         args.append("--transfer" if cfg.transfer else "--no-transfer")
+    if cfg.holdout_ids:
+        args.append(f"--holdout-ids {cfg.holdout_ids}")
     if cfg.report:
         args.append(f"--report {cfg.report}")
     if tuple(cfg.methods) != DEFAULT_METHODS:
@@ -761,6 +906,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transfer", action=argparse.BooleanOptionalAction, default=None,
                     help="also train each method with pretrained transfer (+ distillation) where it applies "
                          "(default: on with --budget-min, off without)")
+    ap.add_argument("--attack-share", type=float, default=d.attack_share,
+                    help="with --budget-min: the budget's share the planner reserves for attacks it has not timed "
+                         f"(default {d.attack_share})")
+    ap.add_argument("--holdout-ids", type=int, default=0,
+                    help="keep this many identities of --data out of training and check on pairs of them that the "
+                         "methods keep their accuracy ordering (0: off; at least 20)")
     ap.add_argument("--report", default=None, help="write the Markdown report here (e.g. docs/results.md)")
     a = ap.parse_args(argv)
     try:
@@ -770,7 +921,8 @@ def main(argv: list[str] | None = None) -> int:
                           attack_kinds=a.attack_kinds, linkage_steps=a.linkage_steps, judge=a.judge,
                           judge_dir=a.judge_dir, threads=a.threads, report=a.report,
                           max_steps_per_epoch=a.max_steps_per_epoch, batch_size=a.batch_size,
-                          budget_min=a.budget_min,
+                          budget_min=a.budget_min, holdout_ids=a.holdout_ids,
+                          attack_share=a.attack_share,
                           transfer=a.transfer if a.transfer is not None else a.budget_min is not None)  # fmt: skip
         from ppfr.eval.attacks.cli import parse_kinds
 
@@ -784,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_study(cfg)
     # a damaged run folder, bad attack input or a budget too small: say which, no traceback
-    except (CheckpointError, AttackError, BudgetError) as exc:
+    except (CheckpointError, AttackError, BudgetError, HoldoutError) as exc:
         print(f"ppfr study: {exc}", file=sys.stderr)
         return 2
     return 0

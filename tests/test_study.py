@@ -210,3 +210,78 @@ def test_budget_study_plans_prints_and_skips_what_does_not_fit(tmp_path, monkeyp
     assert ledger["invocations"] == 1 and set(ledger["runs"]["arcface"]) >= {"train_s", "eval_s", "attack_s"}
     assert not (tmp_path / "study" / "probe").exists()  # the probe's runs are removed; probe.json stays
     assert set(json.loads((tmp_path / "study" / "probe.json").read_text())["runs"]) == {"arcface", "partialface"}
+
+
+# ------------------------------------------------------------------------------------ held-out identities
+def test_split_holdout_keeps_held_identities_out_of_training(tmp_path):
+    from ppfr.data.pairs import read_pairs
+    from ppfr.data.sources import open_source
+    from ppfr.study import split_holdout
+
+    data, _ = _dataset(tmp_path, ids=24, per_id=4)
+    train, pairs = split_holdout(data, 20, tmp_path / "h", seed=3)
+    src = open_source(train)
+    trained = {Path(f).parent.name for f in src.files}
+    held = {Path(p).parent.name for q in read_pairs(pairs) for p in (q.a, q.b)}
+    assert len(trained) == 4 and len(held) == 20 and not trained & held
+    assert sorted(set(src.labels.tolist())) == [0, 1, 2, 3] and len(src) == 16  # contiguous labels, every image
+    folds = {q.fold for q in read_pairs(pairs)}
+    assert folds == set(range(10))
+    for f in folds:  # identity-disjoint folds: no identity appears in two folds
+        ids_f = {Path(p).parent.name for q in read_pairs(pairs) if q.fold == f for p in (q.a, q.b)}
+        others = {Path(p).parent.name for q in read_pairs(pairs) if q.fold != f for p in (q.a, q.b)}
+        assert not ids_f & others
+    before = (train.read_text(), pairs.read_text())
+    assert split_holdout(data, 20, tmp_path / "h", seed=3) and (train.read_text(), pairs.read_text()) == before
+    assert split_holdout(data, 20, tmp_path / "h2", seed=4)[0].read_text() != before[0]  # the seed draws the split
+
+
+def test_split_holdout_refusals(tmp_path):
+    from ppfr.study import HoldoutError, split_holdout
+
+    data, pairs = _dataset(tmp_path, ids=4, per_id=4)
+    with pytest.raises(HoldoutError, match="identities"):
+        split_holdout(data, 20, tmp_path / "h", seed=0)
+    with pytest.raises(HoldoutError, match="image folder"):
+        split_holdout(pairs, 20, tmp_path / "h", seed=0)
+    with pytest.raises(ValueError, match="holdout-ids"):
+        StudyConfig(data="d", pairs="p", out=str(tmp_path), configs=str(ROOT / "configs"), holdout_ids=5)
+
+
+def _row(label: str, acc: float, held: float, std: float = 0.01) -> dict:
+    return {"method": label, "label": label, "verification": {"flip": {"accuracy": acc, "std": std}},
+            "holdout": {"flip": {"accuracy": held, "std": std}}}  # fmt: skip
+
+
+def test_ordering_check_counts_swaps_and_noise():
+    from ppfr.study import ordering_check
+
+    kept = ordering_check([_row("a", 0.9, 0.8), _row("b", 0.7, 0.6), _row("c", 0.6, 0.55)])
+    assert kept["kept"] and kept["kendall_tau"] == 1.0 and kept["order_holdout"] == ["a", "b", "c"]
+    noisy = ordering_check([_row("a", 0.9, 0.8), _row("b", 0.7, 0.60), _row("c", 0.695, 0.605)])
+    assert not noisy["kept"] and noisy["kept_beyond_noise"] and noisy["kendall_tau"] == pytest.approx(1 / 3)
+    assert noisy["swaps"] == [{"above": "b", "below": "c", "gap_pairs": pytest.approx(0.005),
+                               "gap_holdout": pytest.approx(0.005), "within_std": True}]  # fmt: skip
+    changed = ordering_check([_row("a", 0.9, 0.5), _row("b", 0.6, 0.8)])
+    assert not changed["kept_beyond_noise"] and changed["kendall_tau"] == -1.0
+    assert ordering_check([_row("a", 0.9, 0.5)]) is None
+
+
+def test_study_with_held_out_identities_reports_the_ordering(tmp_path):
+    data, pairs = _dataset(tmp_path, ids=24, per_id=4)
+    cfg = StudyConfig(data=str(data), pairs=str(pairs), out=str(tmp_path / "study"), configs=str(ROOT / "configs"),
+                      methods=("arcface", "partialface"), epochs=1, max_steps_per_epoch=1, batch_size=4,
+                      attack_steps=1, attack_train_images=8, attack_pairs=None, attack_kinds="recovery",
+                      judge="none", timing_batch=2, holdout_ids=20,
+                      report=str(tmp_path / "docs" / "results.md"))  # fmt: skip
+    logs: list[str] = []
+    rows = run_study(cfg, log=logs.append)
+    assert all(0.0 <= r["holdout"]["flip"]["accuracy"] <= 1.0 for r in rows)
+    summary = json.loads((tmp_path / "study" / "runs" / "arcface" / "summary.json").read_text())
+    assert summary["stages"]
+    check = json.loads((tmp_path / "study" / "ordering.json").read_text())
+    assert set(check["order_holdout"]) == {"arcface", "partialface"}
+    report = (tmp_path / "docs" / "results.md").read_text()
+    assert "Ordering on identities nobody trained on" in report and "--holdout-ids 20" in report
+    assert f"--data {data}" in report  # the command the user typed, not the generated index
+    assert any("ordering on the held-out identities" in m for m in logs)
