@@ -210,7 +210,7 @@ def split_holdout(data: str | Path, n: int, folder: Path, seed: int) -> tuple[Pa
     (TFace 2-field index of the other identities, labels 0..K-1) and ``folder/pairs.txt`` (10 identity-disjoint
     folds of the held-out identities, ``HOLDOUT_PAIRS_PER_FOLD`` genuine + impostor pairs each, fewer where the
     identities hold fewer). Returns (train index, pairs file). Idempotent for the same arguments (a resumed study
-    trains on the same split). HoldoutError: ``data`` is not an image folder, or too few identities."""
+    trains on the same split: the draw is seeded). HoldoutError: ``data`` is not an image folder, or too few identities."""
     import random
 
     from ppfr.data import DataFormatError
@@ -245,17 +245,9 @@ def split_holdout(data: str | Path, n: int, folder: Path, seed: int) -> tuple[Pa
                 raise HoldoutError(f"--holdout-ids {n}: the held-out identities hold too few images for 10 folds "
                                  "of pairs") from None
             per_fold = max(1, per_fold * 2 // 3)
-    _write_if_changed(train, f"# ppfr study: training identities ({len(keep)}; {n} held out)\n" + body)
-    tmp = folder / "pairs.txt.tmp"
-    write_pairs_folds(tmp, drawn)
-    _write_if_changed(pairs, tmp.read_text())
-    tmp.unlink()
+    train.write_text(f"# ppfr study: training identities ({len(keep)}; {n} held out)\n" + body)
+    write_pairs_folds(pairs, drawn)
     return train, pairs
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
 
 
 def ordering_check(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -682,14 +674,14 @@ def _held(r: dict[str, Any]) -> str:
     return f"{h['accuracy'] * 100:.2f} ± {h['std'] * 100:.2f}" if h else "–"
 
 
-def ordering_lines(check: dict[str, Any] | None, user_cfg: StudyConfig) -> list[str]:
+def ordering_lines(check: dict[str, Any] | None, holdout_ids: int) -> list[str]:
     """The report's paragraph on the held-out identities' ordering check (nothing without ``--holdout-ids``)."""
     if check is None:
         return []
     verdict = ("**kept**" if check["kept"] else
                "**kept up to noise**: every swapped pair is within one std of a set" if check["kept_beyond_noise"]
                else "**changed**")  # fmt: skip
-    out = ["", f"**Ordering on identities nobody trained on** ({user_cfg.holdout_ids} identities of the training "
+    out = ["", f"**Ordering on identities nobody trained on** ({holdout_ids} identities of the training "
            "folder held out of every run and of the attacker's training set; 10 identity-disjoint folds of pairs of "
            f"them, `acc % held-out ids`): {verdict}; Kendall τ {check['kendall_tau']:.2f} between the two columns.",
            "", f"- by `--pairs`: {' > '.join(check['order_pairs'])}",
@@ -777,7 +769,7 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
     jo = f"{judge_orig.accuracy * 100:.2f} ± {judge_orig.std * 100:.2f} %" if judge_orig is not None else "n/a"
     n_val = next((s.get("n_faces") for r in rows for s in (r.get("attack") or {}).get("kinds", {}).values()
                   if s.get("n_faces")), "?")  # fmt: skip
-    lines += ordering_lines(ordering_check(rows), user_cfg=cfg)
+    lines += ordering_lines(ordering_check(rows), cfg.holdout_ids)
     lines += ["", "**Measured privacy ordering** (most private first, by linkage top-1, the strongest attack that "
               "applies to every method; ties broken by the best re-identification):", ""]  # fmt: skip
     lines += privacy_ordering(rows)

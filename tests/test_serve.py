@@ -1037,3 +1037,24 @@ def test_triton_runner_request_response_mapping(runner, method, faces):
     inputs, n = svc.check_payload(encode_payload(ppfr.methods.Payload("partialface", {"dct": torch.from_numpy(x[:1])})),
                                   single=True)  # fmt: skip
     assert n == 1 and svc.info()["backend"] == "triton" and svc.config.max_batch == 4
+
+
+def test_openapi_page_lists_every_endpoint_with_its_summary_and_body():
+    """The routes are generated from one table: each keeps its own operation, summary and request body schema."""
+    from ppfr.deploy.app import create_app
+
+    class SpecOnly:
+        backend, method, embedding_size = "none", "arcface", 512
+        input_spec = ppfr.build_method("arcface", depth=18, width=8).payload_spec
+
+    spec = create_app(RecognitionService(SpecOnly(), Gallery(512), TOKEN), own_service=False).openapi()
+    ops = {(m.upper(), p): op for p, item in spec["paths"].items() for m, op in item.items()}
+    want = {("GET", "/health"), ("GET", "/v1/info"), ("GET", "/v1/identities"), ("POST", "/v1/enrol"),
+            ("POST", "/v1/verify"), ("POST", "/v1/identify"), ("POST", "/v1/remove")}  # fmt: skip
+    assert want <= set(ops)
+    assert len({op["operationId"] for op in ops.values()}) == len(ops)
+    assert ops[("POST", "/v1/verify")]["summary"] == "one probe against a named identity"
+    for path in ("/v1/enrol", "/v1/verify", "/v1/identify", "/v1/remove"):
+        assert ops[("POST", path)]["requestBody"]["required"] is True
+    assert ops[("POST", "/v1/remove")]["requestBody"]["content"]["application/json"]["schema"]["required"] == ["name"]
+    assert "requestBody" not in ops[("GET", "/v1/info")]

@@ -383,36 +383,31 @@ def create_app(service: RecognitionService, *, own_service: bool = True) -> Any:
             return _error(503, "draining")
         return JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
 
-    @app.get("/v1/info", summary="method, payload spec, backend, embedding size, limits, gallery size")
-    async def info(request: Request) -> Any:
-        return await _answer(request, "/v1/info", False)
-
-    @app.get("/v1/identities", summary="enrolled identities and their embedding counts")
-    async def identities(request: Request) -> Any:
-        return await _answer(request, "/v1/identities", False)
-
-    @app.post("/v1/enrol", summary="enrol every sample of a payload under a name",
-              openapi_extra={"requestBody": _PAYLOAD_BODY})  # fmt: skip
-    async def enrol(request: Request) -> Any:
-        return await _answer(request, "/v1/enrol", True)
-
-    @app.post("/v1/verify", summary="one probe against a named identity",
-              openapi_extra={"requestBody": _PAYLOAD_BODY})  # fmt: skip
-    async def verify(request: Request) -> Any:
-        return await _answer(request, "/v1/verify", True)
-
-    @app.post("/v1/identify", summary="one probe against the gallery: ranked candidates",
-              openapi_extra={"requestBody": _PAYLOAD_BODY})  # fmt: skip
-    async def identify(request: Request) -> Any:
-        return await _answer(request, "/v1/identify", True)
-
-    @app.post("/v1/remove", summary="delete an identity",
-              openapi_extra={"requestBody": {"required": True, "content": {_JSON: {"schema": {
-                  "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}}})
-    async def remove(request: Request) -> Any:
-        return await _answer(request, "/v1/remove", True)
+    remove_body = {"required": True, "content": {_JSON: {"schema": {
+        "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}}  # fmt: skip
+    # one route per endpoint (each with its own summary and body schema on the OpenAPI page), all answered by
+    # _answer; the payload-carrying POSTs read a body
+    routes = (("GET", "/v1/info", "method, payload spec, backend, embedding size, limits, gallery size", None),
+              ("GET", "/v1/identities", "enrolled identities and their embedding counts", None),
+              ("POST", "/v1/enrol", "enrol every sample of a payload under a name", _PAYLOAD_BODY),
+              ("POST", "/v1/verify", "one probe against a named identity", _PAYLOAD_BODY),
+              ("POST", "/v1/identify", "one probe against the gallery: ranked candidates", _PAYLOAD_BODY),
+              ("POST", "/v1/remove", "delete an identity", remove_body))  # fmt: skip
+    for method, path, summary, body in routes:
+        app.add_api_route(path, _endpoint(_answer, path, method == "POST"), methods=[method], summary=summary,
+                          name=path.rsplit("/", 1)[-1],
+                          openapi_extra={"requestBody": body} if body is not None else None)  # fmt: skip
 
     return app
+
+
+def _endpoint(answer: Any, path: str, has_body: bool) -> Any:
+    """The route function for ``path``: FastAPI reads its signature, so it takes the Request and nothing else."""
+
+    async def endpoint(request: Request) -> Any:
+        return await answer(request, path, has_body)
+
+    return endpoint
 
 
 # -------------------------------------------------------------------------------------------- processes

@@ -131,19 +131,24 @@ class TransferConfig:
     projection: bool = True
 
     def __post_init__(self) -> None:
-        from ppfr.models.transfer import TransferError
-        from ppfr.train.transfer import check_source
-
         if self.adapter not in ("auto", "conv", "none"):
             raise ConfigError(f"transfer.adapter must be auto, conv or none, got {self.adapter!r}")
         if self.adapter_width < 1 or self.freeze_epochs < 0:
             raise ConfigError("transfer.adapter_width must be positive and transfer.freeze_epochs >= 0")
         if not self.lr_mult >= 0:
             raise ConfigError(f"transfer.lr_mult must be >= 0, got {self.lr_mult}")
-        try:
-            check_source(self.source, "transfer.source")
-        except TransferError as exc:
-            raise ConfigError(str(exc)) from None
+        _check_source(self.source, "transfer.source")
+
+
+def _check_source(source: Optional[str], key: str) -> None:
+    """A transfer source or teacher (faceapi | a model.pt | null) that can be used, else ConfigError naming ``key``."""
+    from ppfr.models.transfer import TransferError
+    from ppfr.train.transfer import check_source
+
+    try:
+        check_source(source, key)
+    except TransferError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -159,15 +164,9 @@ class DistillConfig:
     cache: bool = True
 
     def __post_init__(self) -> None:
-        from ppfr.models.transfer import TransferError
-        from ppfr.train.transfer import check_source
-
         if not self.weight >= 0:
             raise ConfigError(f"distill.weight must be >= 0, got {self.weight}")
-        try:
-            check_source(self.teacher, "distill.teacher")
-        except TransferError as exc:
-            raise ConfigError(str(exc)) from None
+        _check_source(self.teacher, "distill.teacher")
 
 
 @dataclass(frozen=True)
