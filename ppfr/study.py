@@ -14,8 +14,7 @@ For each method (default: arcface, arcface_fd, duetface, partialface, minusface,
 5. writes ``<out>/study.json`` and a Markdown report (``--report``, e.g. docs/results.md) with the papers' figures.
 
 With ``--budget-min M`` the study first probes a few training steps of every run (each method from scratch and,
-with ``--transfer``, the default then, with its ``<method>_transfer.yaml`` or, for DuetFace, the study's ArcFace
-model.pt as transfer source), plans one common number of steps per epoch so that training, evaluation and attacks
+with ``--transfer``, the default then, with its ``<method>_transfer.yaml``), plans one common number of steps per epoch so that training, evaluation and attacks
 fit in M minutes (attacks at their time in the ``<out>/elapsed.json`` ledger, else a share of the budget), prints
 the plan, skips what no longer fits and reports it, and prints the estimated and actual totals.
 
@@ -117,20 +116,13 @@ class StudyConfig:
 class Run:
     """One training run of the study: ``label`` names its run folder, row and attack folder; ``config`` is the YAML
     it starts from; ``training`` is the row's training column (scratch | transfer | distill | transfer+distill);
-    ``overrides`` are extra ``key=value`` settings; ``server_source``: the transfer source is the study's trained
-    ``server_method`` model (DuetFace, which cannot take face-api.js)."""
+    ``overrides`` are extra ``key=value`` settings."""
 
     label: str
     method: str
     config: str
     training: str = "scratch"
     overrides: tuple[str, ...] = ()
-    server_source: bool = False
-
-
-# model.pt transfer from the study's own ArcFace: the methods that inject client maps into their IR stages refuse
-# face-api.js (docs/methods.md "Transfer and distillation"); PRO-Face C's server already *is* that model
-SERVER_SOURCE_TRANSFER = ("duetface",)
 
 
 def _training_mode(path: Path, overrides: tuple[str, ...] = ()) -> str:
@@ -143,8 +135,7 @@ def _training_mode(path: Path, overrides: tuple[str, ...] = ()) -> str:
 
 def study_runs(cfg: StudyConfig) -> list[Run]:
     """Every method from scratch (``<method>_tiny.yaml``) and, with ``cfg.transfer``, right after it the method with
-    its ``<method>_transfer.yaml`` where the configs folder has one, or (DuetFace) with the study's trained
-    ``server_method`` model as the transfer source where that model is trained earlier in the list."""
+    its ``<method>_transfer.yaml`` where the configs folder has one."""
     runs: list[Run] = []
     for m in cfg.methods:
         runs.append(Run(m, m, str(Path(cfg.configs) / f"{m}_tiny.yaml")))
@@ -156,9 +147,6 @@ def study_runs(cfg: StudyConfig) -> list[Run]:
             if cfg.judge_dir:  # the face-api.js weights the judge reads serve the transfer and the teacher too
                 over = (f"transfer.source_dir={cfg.judge_dir}", f"distill.teacher_dir={cfg.judge_dir}")
             runs.append(Run(f"{m}_transfer", m, str(tpath), _training_mode(tpath, over), over))
-        elif m in SERVER_SOURCE_TRANSFER and cfg.server_method in cfg.methods[: cfg.methods.index(m)]:
-            runs.append(Run(f"{m}_transfer", m, str(Path(cfg.configs) / f"{m}_tiny.yaml"), "transfer",
-                            server_source=True))  # fmt: skip
     return runs
 
 
@@ -184,13 +172,8 @@ def train_config(cfg: StudyConfig, method: str | Run, runs: Path, server: Path |
         over.append(f"max_steps_per_epoch={steps}")
     if cfg.batch_size:
         over.append(f"data.batch_size={cfg.batch_size}")
-    if run.server_source:
-        if server is None:
-            raise ValueError(f"{run.label} transfers from the study's {cfg.server_method!r} model; list "
-                             f"{cfg.server_method} before {run.method} in --methods")  # fmt: skip
-        over.append(f"transfer.source={server}")
     fields = {f.name for f in dataclasses.fields(method_class(base.method).Options)}
-    if "server_ckpt" in fields:  # a frozen server recogniser: the study's trained unprotected model
+    if "server_ckpt" in fields and base.transfer.source is None:  # a frozen server: the study's unprotected model
         if server is None:
             raise ValueError(f"{run.method} needs a trained {cfg.server_method!r} model as its server; list "
                              f"{cfg.server_method} before {run.method} in --methods")  # fmt: skip
@@ -358,6 +341,14 @@ def plan_budget(costs: list[RunCost], budget_s: float, attack_share: float = 0.4
     return BudgetPlan({c.label: min(lo, c.full_steps) for c in costs}, train(lo), fixed, attack, budget_s)
 
 
+def keep_first_plan(first: dict[str, int], now: dict[str, int]) -> dict[str, int]:
+    """A resumed study's steps per epoch: every run keeps the first invocation's (``plan.json``), and a run new since
+    then (a config added) gets that plan's common number, so the whole study has one schedule. (A run the plan
+    cannot fit any more is skipped at its turn, as in the first invocation.)"""
+    common = min(first.values()) if first else None
+    return {k: first.get(k, common if common is not None else v) for k, v in now.items()}
+
+
 def _median_time(fn, repeat: int = 3) -> float:
     fn()  # warm-up (lazy extension loads, allocator)
     times = []
@@ -402,6 +393,28 @@ def verify(method, cfg: StudyConfig) -> dict[str, Any]:
         r = ten_fold((e[pairs[:, 2]] * e[pairs[:, 3]]).sum(1).numpy(), pairs[:, 1].astype(bool), pairs[:, 0])
         out[key] = {"accuracy": r.accuracy, "std": r.std, "auc": r.auc, "threshold": r.threshold, "pairs": r.pairs}
     return out
+
+
+def verify_cached(method, cfg: StudyConfig, model_pt: Path, tag: str) -> dict[str, Any]:
+    """:func:`verify`, kept in ``<run dir>/verify_<tag>.json`` with the SHA-256 of ``model_pt`` and the pairs it
+    read: a resumed study re-evaluates a reused model only when the model or the pairs changed."""
+    import hashlib
+
+    digest = hashlib.sha256(model_pt.read_bytes()).hexdigest()
+    key = {"model_sha256": digest, "pairs": str(cfg.pairs), "image_root": cfg.image_root and str(cfg.image_root)}
+    path = model_pt.parent / f"verify_{tag}.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        if old.get("key") == key and isinstance(old.get("result"), dict):
+            return old["result"]
+    result = verify(method, cfg)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+    os.replace(tmp, path)
+    return result
 
 
 def _load_rgb(cfg: StudyConfig, n: int) -> torch.Tensor:
@@ -528,7 +541,7 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
         plan_path = out / "plan.json"
         if plan_path.is_file():  # one schedule for the whole study: a resumed one keeps the first plan's steps
             old = json.loads(plan_path.read_text())["steps"]
-            plan = dataclasses.replace(plan, steps={k: old.get(k, v) for k, v in plan.steps.items()})
+            plan = dataclasses.replace(plan, steps=keep_first_plan(old, plan.steps))
             log("study: keeping the steps per epoch of the first invocation's plan (plan.json)")
         else:
             plan_path.write_text(json.dumps({"budget_min": cfg.budget_min, "steps": plan.steps}, indent=2) + "\n")
@@ -574,9 +587,10 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
             server_model = model_pt
         t1 = time.perf_counter()
         method = load_method(model_pt)
-        row["verification"] = verify(method, cfg)
+        row["verification"] = verify_cached(method, cfg, model_pt, "pairs")
         if cfg.holdout_pairs:
-            row["holdout"] = verify(method, dataclasses.replace(cfg, pairs=cfg.holdout_pairs, image_root=None))
+            held_cfg = dataclasses.replace(cfg, pairs=cfg.holdout_pairs, image_root=None)
+            row["holdout"] = verify_cached(method, held_cfg, model_pt, "holdout")
         row["cost"] = cost(method, timing_images)
         spent["eval_s"] = round(time.perf_counter() - t1, 1)
         held = f", held-out ids {row['holdout']['flip']['accuracy'] * 100:.2f} %" if "holdout" in row else ""
@@ -717,7 +731,7 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         + " on a few thousand faces, so absolute accuracies are far lower: "
         "compare methods with each other and with the unprotected `arcface` row, the reference point. The "
         "`training` column says how a row was trained: `scratch` (the method's tiny config from random weights) or "
-        "with a pretrained `transfer` (face-api.js, or for DuetFace the study's ArcFace model.pt) and/or a `distill` "
+        "with a pretrained `transfer` (face-api.js) and/or a `distill` "
         "teacher (docs/methods.md \"Transfer and distillation\"); a method's transfer row follows its scratch row.",
         "",
         "![privacy vs utility](privacy_utility.png)",

@@ -107,6 +107,32 @@ def test_plan_budget_splits_the_budget_and_grows_with_it():
     assert done.train_s["arcface_transfer"] == 0.0 and done.steps["arcface"] >= plans[1].steps["arcface"]
 
 
+def test_a_resumed_plan_keeps_one_schedule_for_new_runs():
+    from ppfr.study import keep_first_plan
+
+    assert keep_first_plan({"a": 80, "b": 80}, {"a": 120, "b": 40, "new": 113}) == {"a": 80, "b": 80, "new": 80}
+    assert keep_first_plan({}, {"a": 7}) == {"a": 7}
+
+
+def test_verify_cached_reuses_until_the_model_or_the_pairs_change(tmp_path, monkeypatch):
+    import ppfr.study as study
+
+    calls: list[str] = []
+    monkeypatch.setattr(study, "verify", lambda m, c: calls.append(c.pairs) or {"flip": {"accuracy": len(calls)}})
+    pt = tmp_path / "run" / "model.pt"
+    pt.parent.mkdir()
+    pt.write_bytes(b"one")
+    cfg = StudyConfig(data="d", pairs="p1", out=str(tmp_path))
+    first = study.verify_cached(None, cfg, pt, "pairs")
+    assert study.verify_cached(None, cfg, pt, "pairs") == first and calls == ["p1"]
+    pt.write_bytes(b"two")  # a retrained model
+    assert study.verify_cached(None, cfg, pt, "pairs")["flip"]["accuracy"] == 2
+    assert study.verify_cached(None, dataclasses.replace(cfg, pairs="p2"), pt, "pairs")["flip"]["accuracy"] == 3
+    (pt.parent / "verify_pairs.json").write_text("{not json")  # a torn file is recomputed, not trusted
+    assert study.verify_cached(None, cfg, pt, "pairs")["flip"]["accuracy"] == 4
+    assert calls == ["p1", "p1", "p2", "p1"]
+
+
 def test_plan_budget_refuses_a_budget_too_small():
     from ppfr.study import BudgetError, plan_budget
 
@@ -128,7 +154,7 @@ def test_budget_cli_refuses_a_budget_too_small(tmp_path, capsys):
 
 
 def test_study_runs_pair_scratch_and_transfer_rows(tmp_path):
-    from ppfr.study import study_runs
+    from ppfr.study import study_runs, train_config
 
     cfg = StudyConfig(data="d", pairs="p", out=str(tmp_path), configs=str(ROOT / "configs"), transfer=True)
     runs = {r.label: r for r in study_runs(cfg)}
@@ -137,8 +163,15 @@ def test_study_runs_pair_scratch_and_transfer_rows(tmp_path):
     assert runs["arcface_transfer"].training == "transfer+distill" and runs["arcface"].training == "scratch"
     assert runs["partialface_transfer"].training == "transfer+distill"
     assert runs["minusface_transfer"].training == "transfer+distill"
-    assert runs["duetface_transfer"].server_source  # DuetFace refuses face-api.js: the study's ArcFace model.pt
-    assert "profacec_transfer" not in runs and "arcface_fd_transfer" not in runs
+    assert runs["duetface_transfer"].training == "transfer+distill"  # face-api.js behind the masks
+    assert runs["profacec_transfer"].training == "transfer"  # face-api.js as the frozen server, no teacher
+    assert labels.index("profacec_transfer") == labels.index("profacec") + 1
+    assert "arcface_fd_transfer" not in runs  # no configs/arcface_fd_transfer.yaml: no transfer row
+    # PRO-Face C's transfer row keeps face-api.js as its server: the study's ArcFace is not made its server_ckpt
+    tcfg = train_config(cfg, runs["profacec_transfer"], tmp_path, tmp_path / "arcface" / "model.pt", 3)
+    assert "server_ckpt" not in tcfg.method_options and [s.name for s in tcfg.stages] == ["client"]
+    scratch = train_config(cfg, runs["profacec"], tmp_path, tmp_path / "arcface" / "model.pt", 3)
+    assert scratch.method_options["server_ckpt"].endswith("model.pt")
     assert [r.label for r in study_runs(dataclasses.replace(cfg, transfer=False))] == list(cfg.methods)
 
 

@@ -93,8 +93,91 @@ def test_model_pt_transfer_and_weights_where_shapes_match(source_pt):
     plan = apply_transfer(d, TransferConfig(source=source_pt))
     assert plan.server is None and 0 < plan.record["loaded"] < plan.record["of"]  # all but the 162-channel stem
     assert torch.equal(d.server.body[3].res_layer[1].weight, src.server.body[3].res_layer[1].weight)
-    with pytest.raises(ValueError, match="payload tensors"):
-        apply_transfer(build_method("duetface", **TINY), TransferConfig(source=source_pt, adapter="conv"))
+    # adapter: conv puts the source's whole IR net behind an adapter; the masks go into its stages
+    d = build_method("duetface", **TINY)
+    apply_transfer(d, TransferConfig(source=source_pt, adapter="conv"))
+    assert isinstance(d.server, TransferredServer) and d.server.adapter.in_channels == 162
+    assert [(i.cout, i.size) for i in d.interfaces] == list(src.server.stage_shapes()) == [(8, 56), (16, 28),
+                                                                                           (32, 14), (64, 7)]
+    assert d.eval().embed(_faces(2)).shape == (2, 32)
+
+
+class _Unnamed(torch.nn.Module):
+    """A method-like module whose server reads two payload tensors and names neither as its input."""
+
+    name = "unnamed"
+
+    def __init__(self) -> None:
+        super().__init__()
+        from ppfr.methods.base import TensorSpec
+
+        self.server = IRNet(18, 3, 32, base_width=8)
+        self.payload_spec = {"a": TensorSpec((3, 112, 112)), "b": TensorSpec((1, 112, 112))}
+
+
+def test_adapter_refuses_a_server_input_it_cannot_name(source_pt):
+    with pytest.raises(ValueError, match="names none of them as its input"):
+        apply_transfer(_Unnamed(), TransferConfig(source=source_pt, adapter="conv"))
+
+
+def test_faceapi_stage_hooks_see_the_stage_shapes():
+    from ppfr.models.faceapi import STAGE_SHAPES
+
+    judge = FaceApiJudge().eval()  # placeholder weights (zeros) made random: the hooks must change the output
+    torch.manual_seed(0)
+    for p in judge.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = _faces(2)
+    seen = []
+
+    def hook(stage, h):
+        seen.append((stage, tuple(h.shape[1:])))
+        return h
+
+    with torch.no_grad():
+        assert torch.equal(judge.embed(x, hook), judge.embed(x))  # an identity hook changes nothing
+        doubled = judge.embed(x, lambda s, h: h * 2 if s == 3 else h)
+    assert seen == [(i, (c, s, s)) for i, (c, s) in enumerate(STAGE_SHAPES)]
+    assert not torch.allclose(doubled, judge.embed(x))
+
+
+@needs_faceapi
+def test_faceapi_transfer_into_the_injecting_methods_and_round_trip(tmp_path):
+    """DuetFace and PRO-Face C take face-api.js as their server: the injected parts are rebuilt for its stages
+    (32 @ 35, 64 @ 17, 128 @ 8, 256 @ 4), DuetFace's scale fusion starts as the plain recogniser, PRO-Face C's
+    server is frozen with the client stage alone, and model.pt rebuilds both."""
+    from ppfr.models.faceapi import STAGE_SHAPES
+
+    x = _faces(2)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    d = build_method("duetface", **TINY, fusion="scale")
+    plan = apply_transfer(d, TransferConfig(source="faceapi", source_dir=str(FACEAPI)))
+    assert plan.server is d.server and plan.record["server"]["payload"]["channels"] == 162
+    assert [(i.cout, i.size) for i in d.interfaces] == list(STAGE_SHAPES)
+    d.eval()
+    with torch.no_grad():
+        p = d.protect(x, generator=g())
+        plain = d.server(p.tensors["dct"])  # no injection at all
+        assert torch.allclose(d.recognize(p), plain, atol=1e-6)  # w = 0: h * (1 + 0 * mask) = h
+        d.mask_weights.fill_(0.5)
+        assert not torch.allclose(d.recognize(p), plain, atol=1e-4)  # the masks reach face-api.js's stages
+    pf = build_method("profacec", **TINY, server_bgr=False)
+    apply_transfer(pf, TransferConfig(source="faceapi", source_dir=str(FACEAPI)))
+    assert [s.name for s in pf.stages()] == ["client"] and pf.transferred_server
+    assert not any(p.requires_grad for p in pf.server.parameters())
+    assert [tuple(pf.payload_spec[f"aux{i}"].shape) for i in range(4)] == [(c, s, s) for c, s in STAGE_SHAPES]
+    assert pf.shuffle_perm.shape == (18 * 18, 32)  # 35 x 35 in 2 x 2 blocks, the edge blocks partial
+    pf.set_stage("client")
+    pf.train()
+    assert not pf.server.training and pf.client.training
+    for m, opts in ((d, {**TINY, "fusion": "scale"}), (pf, {**TINY, "server_bgr": False})):
+        path = tmp_path / f"{m.name}.pt"
+        torch.save({"model": m.state_dict(), "method": m.name, "method_options": opts,
+                    "transfer": {"adapter": "conv", "server": m.server.spec}}, path)  # fmt: skip
+        loaded = load_method(path).eval()
+        m.eval()
+        with torch.no_grad():
+            assert torch.allclose(loaded.embed(x, generator=g()), m.embed(x, generator=g()), atol=1e-5)
 
 
 def test_freeze_schedule_and_pretrained_lr_group(source_pt, tmp_path):
@@ -169,15 +252,15 @@ def test_trainer_transfer_distill_and_model_pt_round_trip(source_pt, tmp_path):
 
 
 def test_bad_sources_are_one_line_config_errors(tmp_path, source_pt):
-    for value, want in (("nowhere/model.pt", "no such file"), ("model.onnx", "ONNX sources are not supported")):
+    for value, want in (("nowhere/model.pt", "no such file"), ("model.onnx", "no such file")):
         with pytest.raises(ConfigError, match=f"transfer.source={value}: {want}") as exc:
             _cfg(tmp_path, **{"transfer.source": value})
         assert "\n" not in str(exc.value)
-    with pytest.raises(ConfigError, match="distill.teacher=x.onnx"):
+    with pytest.raises(ConfigError, match="distill.teacher=x.onnx: no such file"):
         _cfg(tmp_path, **{"distill.teacher": "x.onnx"})
     with pytest.raises(ConfigError, match="transfer.adapter"):
         _cfg(tmp_path, **{"transfer.adapter": "mlp"})
-    cfg = _cfg(tmp_path, **{"transfer.source": source_pt, "transfer.adapter": "conv", "method": "profacec"})
-    with pytest.raises(ConfigError, match="transfer.adapter=none") as exc:  # found once the method is built
+    cfg = _cfg(tmp_path, **{"transfer.source": "faceapi", "transfer.adapter": "none", "method": "profacec"})
+    with pytest.raises(ConfigError, match="needs transfer.adapter=conv") as exc:  # found once the method is built
         Trainer(cfg, quiet=True).fit()
     assert "\n" not in str(exc.value)

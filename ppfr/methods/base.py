@@ -215,6 +215,16 @@ class Method(nn.Module):
             raise TypeError(f"{self.name}.recognize accepts only a {self.name} Payload, got {type(payload).__name__}")
         payload.validate(self.name, self.payload_spec)
 
+    # ---- pretrained transfer -------------------------------------------------------------------------
+    #: The payload tensor the server backbone reads where the payload holds others too (DuetFace ``dct``, PRO-Face
+    #: C ``image``: the rest are injected into its stages); None: the payload's one tensor.
+    server_input: ClassVar[str | None] = None
+
+    def adopt_server_stages(self, shapes: tuple[tuple[int, int], ...]) -> None:
+        """A pretrained transfer replaced the server by one whose four stage outputs are ``shapes`` ((channels,
+        side) each, e.g. face-api.js's 32 @ 35 ... 256 @ 4): rebuild what this method injects there (interfaces,
+        keys, payload shapes) to fit, freshly initialised. Methods that inject nothing have nothing to rebuild."""
+
     # ---- training ------------------------------------------------------------------------------------
     def stages(self) -> tuple[Stage, ...]:
         raise NotImplementedError

@@ -17,6 +17,12 @@ every forward. The ROI (``roi``):
   detector would give every image the same tiny corner ROI and a near-zero interactive mask, so it is refused.
 * ``"none"``: no ROI (the mask is the normalised client mean alone).
 
+``fusion``: ``"sigmoid"`` (default, the reference) or ``"scale"``, ``h * (1 + w * mask)`` with the same mask. With a
+pretrained server (``transfer.source: faceapi``, configs/duetface_transfer.yaml) the reference's form would replace
+every pretrained stage output by its sigmoid at the first step; ``scale`` with w = 0 starts as the recogniser itself.
+The transferred server's stage shapes differ from the IR net's, so :meth:`DuetFace.adopt_server_stages` rebuilds
+the interfaces for them (face-api.js: 32 @ 35, 64 @ 17, 128 @ 8, 256 @ 4).
+
 Host syncs: with ``roi="template"`` or ``"none"``, ``protect`` and ``recognize`` never wait for the device (the
 template mask is made on the host once per size and device). ``roi="pfld"`` runs the exact hull of
 :func:`ppfr.ops.roi_mask.roi_mask` per batch on the device, whose torch / triton forms still read a few flags back
@@ -40,7 +46,7 @@ from ppfr.methods.base import (
 from ppfr.models.ir import IRNet
 from ppfr.models.mobilefacenet import ClientMobileFaceNet
 from ppfr.models.pfld import PFLDInference
-from ppfr.ops.feature_mask_fuse import feature_mask_fuse
+from ppfr.ops.feature_mask_fuse import duet_mask_ref, feature_mask_fuse
 from ppfr.ops.freq import freq_encode
 from ppfr.ops.roi_mask import roi_mask, wflw_mean_face
 
@@ -49,6 +55,7 @@ SUB_CHS = (0, 1, 2, 3, 4, 5, 8, 9, 16, 24)
 CLIENT_CHANNELS = tuple(64 * c + k for c in range(3) for k in SUB_CHS)
 SERVER_CHANNELS = tuple(64 * c + k for c in range(3) for k in range(64) if k not in SUB_CHS)
 ROI_KINDS = ("template", "pfld", "none")
+FUSIONS = ("sigmoid", "scale")
 
 # The WFLW points that correspond to the five ArcFace landmarks: eye centres (mean of each eye's 8 contour points),
 # nose tip, mouth corners.
@@ -98,6 +105,9 @@ class DuetFaceOptions(MethodOptions):
     interface: str = "learned"  # learned | random_per_forward (reference behaviour)
     roi: str = "template"  # template | pfld (needs landmark_ckpt; the paper setting) | none
     landmark_ckpt: str | None = None  # PFLD checkpoint (key pfld_backbone) for roi="pfld"
+    # sigmoid: the reference's sigmoid(h) * (1 + w * mask); scale: h * (1 + w * mask), which with w = 0 leaves h as
+    # it is -- for a pretrained (transferred) server, whose features sigmoid(h) would overwrite at the start
+    fusion: str = "sigmoid"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,6 +120,8 @@ class DuetFaceOptions(MethodOptions):
                              "weights exist): an untrained detector gives every image the same tiny corner ROI. Set "
                              "method_options.landmark_ckpt=PATH, or roi=template (a fixed face hull on the aligned "
                              "112x112 template) or roi=none")  # fmt: skip
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
         if self.landmark_ckpt and self.roi != "pfld":
             raise ValueError(f"landmark_ckpt is only used with roi='pfld', got roi={self.roi!r}")
 
@@ -136,18 +148,14 @@ class Interface(nn.Module):
 class DuetFace(Method):
     name = "duetface"
     Options = DuetFaceOptions
+    server_input = "dct"
 
     def __init__(self, options: DuetFaceOptions) -> None:
         super().__init__(options)
         s = options.image_size
         self.client = ClientMobileFaceNet(len(CLIENT_CHANNELS), options.embedding_size)
         self.server = IRNet(options.depth, len(SERVER_CHANNELS), options.embedding_size, s, base_width=options.width)
-        sizes = [s // 2, s // 4, s // 8, s // 16]  # server stage outputs: 56, 28, 14, 7
-        rnd = options.interface == "random_per_forward"
-        self.interfaces = nn.ModuleList(
-            Interface(c_client, c_server, size, rnd)
-            for (c_client, _), c_server, size in zip(ClientMobileFaceNet.TAP_SHAPES, self.server.widths, sizes)
-        )
+        self.interfaces = self._interfaces(self.server.stage_shapes())  # server stage outputs: 56, 28, 14, 7
         self.mask_weights = nn.Parameter(torch.zeros(4))  # w per interactive block, initialised to 0
         self.landmarks = PFLDInference() if options.roi == "pfld" else None
         if self.landmarks is not None:  # the options guarantee a checkpoint
@@ -160,6 +168,16 @@ class DuetFace(Method):
         tap_spec = {f"feat{i}": TensorSpec((c, sz, sz)) for i, (c, sz) in enumerate(ClientMobileFaceNet.TAP_SHAPES)}
         self.payload_spec = {"dct": TensorSpec((len(SERVER_CHANNELS), s, s)), **tap_spec,
                              "roi": TensorSpec((1, s, s), torch.float32, 0.0, 1.0)}  # fmt: skip
+
+    def _interfaces(self, shapes) -> nn.ModuleList:
+        rnd = self.options.interface == "random_per_forward"
+        return nn.ModuleList(Interface(c_client, c_server, size, rnd)
+                             for (c_client, _), (c_server, size) in zip(ClientMobileFaceNet.TAP_SHAPES, shapes))
+
+    def adopt_server_stages(self, shapes) -> None:
+        """A transferred server (e.g. face-api.js: 32 @ 35 ... 256 @ 4): new interfaces up-sample the client maps
+        to its stage sizes and map them to its widths (the mask weights stay, 0 at the start)."""
+        self.interfaces = self._interfaces(shapes)
 
     def split(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One encode pass of all 192 channels in (client, server) order -> (B, 30, ...) and (B, 162, ...)."""
@@ -195,6 +213,8 @@ class DuetFace(Method):
 
         def inject(stage: int, h: torch.Tensor) -> torch.Tensor:
             z = self.interfaces[stage](t[f"feat{stage}"])
+            if self.options.fusion == "scale":  # the same mask, as a gain on h (no fused kernel: one multiply-add)
+                return h * (1 + self.mask_weights[stage] * duet_mask_ref(z, t["roi"]))
             return feature_mask_fuse(h, z, self.mask_weights[stage], t["roi"])
 
         return self.server(t["dct"], inject=inject)

@@ -19,6 +19,10 @@ sigma = 5, b = 7, one random layout per image); :meth:`ProFaceC.eval_variants` g
 type (Gaussian k 31 sigma 5, median k 13, pixelate b 7, hybrid) as the reference's ``perform_val`` does, and
 ``eval_flip=False`` (the reference: no flip TTA) is the evaluator's default for this method.
 
+Pretrained transfer (configs/profacec_transfer.yaml): ``transfer.source: faceapi`` makes face-api.js the frozen
+server (identity adapter on the blurred RGB image, fixed 128 -> 512 projection); :meth:`ProFaceC.adopt_server_stages`
+rebuilds the interfaces, keys and aux0's block shuffle for its stage outputs, and training is the client stage alone.
+
 Paper configs: ``server_ckpt: required`` (configs/profacec_ir50.yaml, profacec_ir100.yaml) marks the paper's setting,
 a pretrained frozen server; such a config does not load until ``method_options.server_ckpt=PATH`` names one (a
 ConfigError naming ``server_ckpt``, exit 2 from ``ppfr train``). The marker lives in ``server_ckpt`` itself, a
@@ -102,29 +106,43 @@ def _fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor:
 class ProFaceC(Method):
     name = "profacec"
     Options = ProFaceCOptions
+    server_input = "image"
 
     def __init__(self, options: ProFaceCOptions) -> None:
         super().__init__(options)
         s = options.image_size
         self.client = ClientMobileFaceNet(3, options.embedding_size, with_embedding=False)
         self.server = IRNet(options.depth, 3, options.embedding_size, s, base_width=options.width)
-        sizes = [s // 2, s // 4, s // 8, s // 16]
-        self.shapes = [(c, sz) for c, sz in zip(self.server.widths, sizes)]
-        self.interfaces = nn.ModuleList(
-            _Interface(cin, cout, sz) for (cin, _), (cout, sz) in zip(ClientMobileFaceNet.TAP_SHAPES, self.shapes)
-        )
-        self.keys = nn.ParameterList(nn.Parameter(torch.ones(c, sz, sz)) for c, sz in self.shapes)
-        n_blocks = math.prod(block_grid(sizes[0], sizes[0], options.shuffle_block))
-        self.register_buffer("shuffle_perm", block_perm_table(options.shuffle_key, self.server.widths[0], n_blocks))
+        self._build_compensation(self.server.stage_shapes())  # 64 @ 56, 128 @ 28, 256 @ 14, 512 @ 7
         if options.server_ckpt:
             from ppfr.models.checkpoints import load_backbone
 
             load_backbone(self.server, options.server_ckpt)
         self.server.requires_grad_(False).eval()
+
+    def _build_compensation(self, shapes) -> None:
+        """Interfaces, keys, the block-shuffle table and the payload's aux shapes for server stages ``shapes``."""
+        s = self.options.image_size
+        self.shapes = [tuple(cs) for cs in shapes]
+        self.interfaces = nn.ModuleList(
+            _Interface(cin, cout, sz) for (cin, _), (cout, sz) in zip(ClientMobileFaceNet.TAP_SHAPES, self.shapes)
+        )
+        self.keys = nn.ParameterList(nn.Parameter(torch.ones(c, sz, sz)) for c, sz in self.shapes)
+        c0, s0 = self.shapes[0]
+        n_blocks = math.prod(block_grid(s0, s0, self.options.shuffle_block))
+        self.register_buffer("shuffle_perm", block_perm_table(self.options.shuffle_key, c0, n_blocks))
         self.payload_spec = {
             "image": TensorSpec((3, s, s), torch.float32, -1.0, 1.0),
             **{f"aux{i}": TensorSpec((c, sz, sz)) for i, (c, sz) in enumerate(self.shapes)},
         }
+
+    def adopt_server_stages(self, shapes) -> None:
+        """A pretrained transfer is the frozen server (face-api.js: 32 @ 35, 64 @ 17, 128 @ 8, 256 @ 4; aux0's
+        block shuffle then runs on a 35 x 35 map, partial edge blocks included): the compensation is rebuilt for
+        its stages, the server frozen, and training is the client stage alone, as with ``server_ckpt``."""
+        self._build_compensation(shapes)
+        self.transferred_server = True
+        self.server.requires_grad_(False).eval()
 
     _eval_blur: str | None = None  # set by blur_as()
 
@@ -198,7 +216,8 @@ class ProFaceC(Method):
         """``client`` only when a pretrained server is given (the paper's setting); without one, a ``server`` stage
         first trains the recogniser on clear images so the run is self-contained (e.g. the CPU-scale tiny config)."""
         client = Stage("client", ("client", "interfaces", "keys"), "server frozen: ArcFace(e_c) + MSE(e_c, e_t)")
-        if self.options.server_ckpt:
+        # stages() reads only the options and this flag (set by a transfer), so it answers on a bare instance too
+        if self.options.server_ckpt or self.__dict__.get("transferred_server", False):
             return (client,)
         return (Stage("server", ("server",), "the server recogniser on clear images: ArcFace(f(X))"), client)
 

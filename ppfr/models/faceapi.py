@@ -163,6 +163,11 @@ _BLOCKS = (
     ("conv256_down", 128, 256, True), ("conv256_1", 256, 256, False), ("conv256_2", 256, 256, False),
     ("conv256_down_out", 256, 256, True),
 )  # fmt: skip
+#: The blocks that end the four stages the injecting methods hook (DuetFace masks, PRO-Face C compensation), the
+#: counterpart of IRNet's ``stage_ends``; ``conv256_down_out`` (256 @ 2x2) follows them, before the pooling.
+STAGE_ENDS = ("conv32_3", "conv64_3", "conv128_2", "conv256_2")
+#: (channels, side) of those stage outputs for the 150 x 150 chip: 32 @ 35, 64 @ 17, 128 @ 8, 256 @ 4.
+STAGE_SHAPES = ((32, 35), (64, 17), (128, 8), (256, 4))
 
 
 class FaceApiJudge(nn.Module):
@@ -183,14 +188,20 @@ class FaceApiJudge(nn.Module):
         self.register_buffer("mean_rgb", torch.tensor(MEAN_RGB).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("grid", chip_sampling_grid(in_size), persistent=False)
 
-    def forward(self, chips: torch.Tensor) -> torch.Tensor:
+    def forward(self, chips: torch.Tensor, inject=None) -> torch.Tensor:
+        """chips (B, 3, 150, 150) RGB in [0, 255] -> (B, 128) raw descriptors. ``inject(stage, h) -> h`` runs after
+        each block of :data:`STAGE_ENDS` (stage 0..3, shapes :data:`STAGE_SHAPES`), as :meth:`IRNet.forward`'s."""
         if chips.dim() != 4 or chips.shape[1] != 3:
             raise ValueError(f"FaceApiJudge.forward expects chips (B, 3, 150, 150) in [0, 255], "
                              f"got {tuple(chips.shape)}")  # fmt: skip
         x = (chips.float() - self.mean_rgb) / 256.0
         x = F.max_pool2d(self.conv32_down(x), 3, 2)
-        for block in self.blocks.values():
+        stage = 0
+        for name, block in self.blocks.items():
             x = block(x)
+            if inject is not None and stage < len(STAGE_ENDS) and name == STAGE_ENDS[stage]:
+                x = inject(stage, x)
+                stage += 1
         return x.mean(dim=(2, 3)) @ self.fc
 
     def warp(self, images: torch.Tensor) -> torch.Tensor:
@@ -204,9 +215,9 @@ class FaceApiJudge(nn.Module):
         grid = self.grid.to(x.device).expand(x.shape[0], -1, -1, -1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, 112, 112) RGB in [-1, 1] -> raw descriptors (B, 128)."""
-        return self(self.warp(images))
+    def embed(self, images: torch.Tensor, inject=None) -> torch.Tensor:
+        """(B, 3, 112, 112) RGB in [-1, 1] -> raw descriptors (B, 128); ``inject`` as in :meth:`forward`."""
+        return self(self.warp(images), inject)
 
 
 # ------------------------------------------------------------------------------------------------ weights

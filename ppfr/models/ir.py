@@ -72,7 +72,7 @@ class IRNet(nn.Module):
             raise ValueError(f"input_size must be a multiple of 16, got {input_size}")
         if base_width < 1:
             raise ValueError(f"base_width must be positive, got {base_width}")
-        self.depth, self.in_channels = depth, in_channels
+        self.depth, self.in_channels, self.input_size = depth, in_channels, input_size
         # base_width 64 is the standard net; smaller widths make the CPU-scale "tiny" models of configs/*_tiny.yaml
         self.widths = tuple(base_width * k for k in (1, 2, 4, 8))
         w0 = self.widths[0]
@@ -95,6 +95,10 @@ class IRNet(nn.Module):
 
     def reset_parameters(self) -> None:
         init_weights(self)
+
+    def stage_shapes(self) -> tuple[tuple[int, int], ...]:
+        """(channels, side) of the four stage outputs ``inject`` sees: (w, S/2), (2w, S/4), (4w, S/8), (8w, S/16)."""
+        return tuple((c, self.input_size // 2 ** (i + 1)) for i, c in enumerate(self.widths))
 
     def forward(self, x: torch.Tensor, inject: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """``inject(stage, h) -> h`` runs after the last unit of each stage (0..3): DuetFace / PRO-Face C hooks."""

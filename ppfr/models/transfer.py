@@ -12,16 +12,20 @@ method's ``embedding_size`` where the two differ.
   zero. For an RGB payload in [-1, 1] (ArcFace) the adapter is therefore exactly the identity at initialisation,
   and the transferred model starts as the pretrained recogniser itself.
 * :class:`TransferredServer` -- the module that replaces ``method.server`` (or MinusFace's ``recognizer_p``): same
-  call signature as :class:`ppfr.models.ir.IRNet` for a one-tensor payload, (B, C, S, S) -> (B, D) embeddings.
+  call signature as :class:`ppfr.models.ir.IRNet`, (B, C, S, S) -> (B, D) embeddings, ``inject`` hooks included:
+  the methods that inject client maps into the server's stages (DuetFace, PRO-Face C) name the payload tensor the
+  adapter reads (``server_input``) and rebuild their injection parts for the recogniser's stage shapes
+  (``adopt_server_stages``; face-api.js: 32 @ 35, 64 @ 17, 128 @ 8, 256 @ 4).
   ``pretrained_frozen`` freezes the recogniser (no gradient, eval mode) while the adapter and projection train.
 * :func:`transfer_spec` / :func:`build_from_spec` -- the architecture as a plain dict, recorded in model.pt
   (``"transfer"``) so :func:`ppfr.methods.load_method` rebuilds it without the source weights: the state dict
   holds them.
 
 Sources (``transfer.source``): ``faceapi`` (the face-api.js weights folder; its 128-d descriptor, via the same fixed
-similarity warp from the 112 x 112 ArcFace crop to the 150 x 150 dlib chip as the judge) or a ppfr ``model.pt``
-whose server is an IR net (its whole server becomes the recogniser). ONNX files are refused: onnxruntime is not
-differentiable and no ONNX -> torch converter is a dependency.
+similarity warp from the 112 x 112 ArcFace crop to the 150 x 150 dlib chip as the judge), a ppfr ``model.pt``
+whose server is an IR net (its whole server becomes the recogniser), or an ``.onnx`` recogniser (N, C, S, S) ->
+(N, D), interpreted with PyTorch ops by :mod:`ppfr.models.onnx_module` so it fine-tunes like the others (it has
+no marked stages, so DuetFace and PRO-Face C cannot inject into it).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ppfr.models.faceapi import FaceApiJudge
+from ppfr.models.faceapi import STAGE_SHAPES, FaceApiJudge
 from ppfr.models.ir import IRNet
 
 #: Where a method keeps the backbone that reads its payload, in the order looked for: most methods call it
@@ -121,11 +125,25 @@ class TransferredServer(nn.Module):
         self.pretrained_frozen = False
 
     def forward(self, x: torch.Tensor, inject: Any = None) -> torch.Tensor:
-        if inject is not None:  # the methods that inject into IR stages are refused when the transfer is built
-            raise ValueError("a TransferredServer has no IR stages to inject into")
+        """``inject(stage, h) -> h`` runs at the recogniser's four stage ends (:meth:`stage_shapes`), as in
+        :meth:`IRNet.forward`: the DuetFace / PRO-Face C hooks, rebuilt for these shapes by the method's
+        ``adopt_server_stages`` when the transfer is attached."""
         z = self.adapter(x)
-        e = self.recognizer.embed(z) if isinstance(self.recognizer, FaceApiJudge) else self.recognizer(z)
+        if isinstance(self.recognizer, FaceApiJudge):
+            e = self.recognizer.embed(z, inject)
+        else:
+            e = self.recognizer(z, inject=inject)
         return self.projection(e)
+
+    def stage_shapes(self) -> tuple[tuple[int, int], ...]:
+        """(channels, side) of the recogniser's four stage outputs that ``inject`` sees (TransferError for an ONNX
+        graph, which has no marked stages)."""
+        if isinstance(self.recognizer, FaceApiJudge):
+            return STAGE_SHAPES
+        if not isinstance(self.recognizer, IRNet):
+            raise TransferError("an ONNX recogniser has no stage outputs to inject the client's maps into: transfer "
+                                "DuetFace / PRO-Face C from faceapi or a ppfr model.pt")  # fmt: skip
+        return self.recognizer.stage_shapes()
 
     def pretrained_parameters(self) -> list[nn.Parameter]:
         return list(self.recognizer.parameters())
@@ -168,6 +186,14 @@ def build_recognizer(spec: dict) -> tuple[nn.Module, int, int, int]:
     kind = spec.get("kind")
     if kind == "faceapi":
         return FaceApiJudge(in_size=int(spec["in_size"])), 3, int(spec["in_size"]), FACEAPI_DIM
+    if kind == "onnx":
+        from ppfr.models.onnx_module import OnnxError, build_onnx_recognizer
+
+        try:
+            net = build_onnx_recognizer(spec)
+        except OnnxError as exc:
+            raise TransferError(f"the recorded ONNX recogniser cannot be rebuilt: {exc}") from None
+        return net, int(spec["in_channels"]), int(spec["in_size"]), int(spec["dim"])
     if kind == "ir":
         net = IRNet(int(spec["depth"]), int(spec["in_channels"]), int(spec["embedding_size"]), int(spec["input_size"]),
                     base_width=int(spec["width"]))  # fmt: skip
@@ -186,15 +212,19 @@ def build_from_spec(spec: dict) -> TransferredServer:
 
 
 def payload_tensor_spec(method: nn.Module) -> tuple[str, Any]:
-    """The one payload tensor a single-input server reads; TransferError for methods whose server takes more."""
+    """The payload tensor the adapter reads: the payload's one tensor, or the method's ``server_input`` where its
+    server also takes injected ones (DuetFace, PRO-Face C); TransferError where neither names one."""
     spec = getattr(method, "payload_spec", None) or {}
-    if len(spec) != 1:
+    name = getattr(method, "server_input", None)
+    if len(spec) != 1 and name not in spec:
         raise TransferError(f"{getattr(method, 'name', type(method).__name__)}'s server reads {len(spec)} payload "
-                            f"tensors ({', '.join(sorted(spec))}), not one: its IR stages take the client's extra "
-                            "inputs, so an adapter cannot put another recogniser in its place. Use "
+                            f"tensors ({', '.join(sorted(spec))}) and names none of them as its input "
+                            "(server_input), so an adapter cannot put another recogniser in its place. Use "
                             "transfer.source=<a ppfr model.pt> with transfer.adapter=none (its IR weights load "
                             "where the shapes match)")  # fmt: skip
-    name, ts = next(iter(spec.items()))
+    if name not in spec:
+        name = next(iter(spec))
+    ts = spec[name]
     if len(ts.shape) != 3 or ts.shape[1] != ts.shape[2]:
         raise TransferError(f"payload tensor {name!r} has shape {ts.shape}; the adapter needs (C, S, S)")
     return name, ts
@@ -223,7 +253,18 @@ def attach(method: nn.Module, recognizer: nn.Module, recognizer_spec: dict, *, s
     old = getattr(method, attr)
     device = next(iter(old.parameters())).device
     setattr(method, attr, server.to(device))
+    _adopt(method, server, device)
     return server
+
+
+def _adopt(method: nn.Module, server: TransferredServer, device: torch.device | None = None) -> None:
+    """Let a method that injects into its server's stages (it names a ``server_input``) rebuild those parts for the
+    new server's stage shapes."""
+    if getattr(method, "server_input", None) is None:
+        return
+    method.adopt_server_stages(server.stage_shapes())
+    if device is not None:
+        method.to(device)
 
 
 def apply_record(method: nn.Module, record: dict) -> None:
@@ -234,4 +275,6 @@ def apply_record(method: nn.Module, record: dict) -> None:
     server = record.get("server")
     if not isinstance(server, dict):
         raise TransferError("the model's transfer record has no server description")
-    setattr(method, str(server["attr"]), build_from_spec(server))
+    new = build_from_spec(server)
+    setattr(method, str(server["attr"]), new)
+    _adopt(method, new)

@@ -115,10 +115,11 @@ class EvalConfig:
 class TransferConfig:
     """Pretrained transfer (docs/methods.md "Transfer and distillation"): the method's server backbone becomes
     ``adapter -> pretrained recogniser -> projection``. ``source``: null (off) | ``faceapi`` (the face-api.js weights
-    in ``source_dir``, default ``$PPFR_FACEAPI_DIR`` or ../shared/models/faceapi) | a ppfr model.pt (its IR server).
-    ``adapter``: ``conv`` (the trained adapter in front of the recogniser), ``none`` (the source's IR weights load into
-    the method's own IR where shapes match: DuetFace, PRO-Face C) or ``auto`` (conv where the server reads one
-    payload tensor, else none). The recogniser stays frozen for the first ``freeze_epochs`` epochs of each stage that
+    in ``source_dir``, default ``$PPFR_FACEAPI_DIR`` or ../shared/models/faceapi) | a ppfr model.pt (its IR server) |
+    an ``.onnx`` recogniser (N, C, S, S) -> (N, D) (interpreted with PyTorch ops, so it fine-tunes).
+    ``adapter``: ``conv`` (the trained adapter in front of the recogniser), ``none`` (a model.pt's IR weights load into
+    the method's own IR where shapes match) or ``auto`` (conv, except none for a model.pt into DuetFace / PRO-Face C,
+    whose servers also take injected client maps). The recogniser stays frozen for the first ``freeze_epochs`` epochs of each stage that
     trains the server, then trains at ``lr_mult`` x lr. ``projection``: a Linear to ``embedding_size`` where the sizes
     differ (false: they must agree)."""
 
@@ -141,7 +142,7 @@ class TransferConfig:
 
 
 def _check_source(source: Optional[str], key: str) -> None:
-    """A transfer source or teacher (faceapi | a model.pt | null) that can be used, else ConfigError naming ``key``."""
+    """A transfer source or teacher (faceapi | a model.pt | an .onnx | null) that can be used, else ConfigError naming ``key``."""
     from ppfr.models.transfer import TransferError
     from ppfr.train.transfer import check_source
 
@@ -156,7 +157,7 @@ class DistillConfig:
     """Teacher distillation: ``weight * (1 - cos(u - mean u, t - mean t))`` (batch-centred cosine) between the server
     embedding u (through a learned projection where sizes differ) and the teacher's embedding t of the clean image,
     added to the stage's loss. ``teacher``: null (off)
-    | ``faceapi`` (weights in ``teacher_dir``) | a ppfr model.pt. ``cache``: keep teacher embeddings per image."""
+    | ``faceapi`` (weights in ``teacher_dir``) | a ppfr model.pt | an ``.onnx`` of 112 x 112 RGB. ``cache``: keep teacher embeddings per image."""
 
     teacher: Optional[str] = None
     teacher_dir: Optional[str] = None

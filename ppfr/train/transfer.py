@@ -46,6 +46,20 @@ def _load_faceapi(weights_dir: str | None, key: str, dir_key: str, device: torch
         raise TransferError(f"{key}=faceapi: {exc} (set {dir_key}=DIR or PPFR_FACEAPI_DIR)") from None
 
 
+def _load_onnx(path: str, key: str):
+    """An ONNX recogniser as a differentiable module (:mod:`ppfr.models.onnx_module`); TransferError naming ``key``."""
+    from ppfr.models.onnx_module import OnnxError, load_onnx_recognizer
+
+    try:
+        return load_onnx_recognizer(path)
+    except OnnxError as exc:
+        raise TransferError(f"{key}={path}: {exc}") from None
+
+
+def is_onnx(source: str | None) -> bool:
+    return bool(source) and str(source).lower().endswith(".onnx")
+
+
 def _load_model(path: str, key: str):
     from ppfr.methods import load_method
     from ppfr.models.checkpoints import CheckpointError
@@ -60,11 +74,9 @@ def check_source(value: str | None, key: str) -> None:
     """The checks that need no method: ``faceapi``, an existing file, not ONNX. TransferError naming ``key``."""
     if value is None or value == "faceapi":
         return
-    if value.lower().endswith(".onnx"):
-        raise TransferError(f"{key}={value}: ONNX sources are not supported yet (onnxruntime is not differentiable "
-                            "and no ONNX -> torch converter is installed); use faceapi or a ppfr model.pt")
     if not Path(value).is_file():
-        raise TransferError(f"{key}={value}: no such file; expected faceapi or a ppfr model.pt (runs/<name>/model.pt)")
+        raise TransferError(f"{key}={value}: no such file; expected faceapi, a ppfr model.pt (runs/<name>/model.pt) "
+                            "or an .onnx recogniser")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ transfer
@@ -108,24 +120,32 @@ def apply_transfer(method: nn.Module, cfg) -> TransferPlan | None:
         return None
     check_source(cfg.source, "transfer.source")
     attr = server_attr(method)
-    try:
-        payload_tensor_spec(method)
-        single = True
-    except TransferError:
-        single = False
-    adapter = cfg.adapter if cfg.adapter != "auto" else ("conv" if single else "none")
+    # auto: an adapter in front of the new recogniser, except for a model.pt into a server that also takes injected
+    # client maps (DuetFace, PRO-Face C): its IR weights load into the method's own IR where the shapes match
+    injected = len(getattr(method, "payload_spec", None) or {}) > 1
+    adapter = cfg.adapter
+    if adapter == "auto":
+        adapter = "conv" if cfg.source == "faceapi" or is_onnx(cfg.source) or not injected else "none"
     name = getattr(method, "name", type(method).__name__)
-    if adapter == "conv" and not single:
-        payload_tensor_spec(method)  # raises its message: the server takes extra inputs
+    if adapter == "conv":
+        payload_tensor_spec(method)  # raises its message where the server's input tensor is not named
     if cfg.source == "faceapi":
         if adapter == "none":
-            raise TransferError(f"transfer.source=faceapi needs transfer.adapter=conv; {name}'s server takes the "
-                                "client's extra inputs into its IR stages, which face-api.js does not have: "
-                                "transfer from a ppfr model.pt (adapter: none) instead")  # fmt: skip
+            raise TransferError("transfer.source=faceapi needs transfer.adapter=conv (or auto): face-api.js is not "
+                                f"an IR net, so its weights cannot load into {name}'s own server")  # fmt: skip
         judge = _load_faceapi(cfg.source_dir, "transfer.source", "transfer.source_dir")
         size = payload_tensor_spec(method)[1].shape[1]
         rec_spec = {"kind": "faceapi", "in_size": int(size)}
         server = attach(method, judge, rec_spec, source="faceapi", adapter_width=cfg.adapter_width,
+                        projection=cfg.projection)  # fmt: skip
+        return TransferPlan(attr, server.pretrained_parameters(), cfg.freeze_epochs, cfg.lr_mult,
+                            {"adapter": "conv", "server": server.spec}, server)  # fmt: skip
+    if is_onnx(cfg.source):
+        if adapter == "none":
+            raise TransferError(f"transfer.source={cfg.source} needs transfer.adapter=conv (or auto): an ONNX graph's "
+                                f"weights cannot load into {name}'s own server")  # fmt: skip
+        net = _load_onnx(cfg.source, "transfer.source")
+        server = attach(method, net, net.spec, source=str(cfg.source), adapter_width=cfg.adapter_width,
                         projection=cfg.projection)  # fmt: skip
         return TransferPlan(attr, server.pretrained_parameters(), cfg.freeze_epochs, cfg.lr_mult,
                             {"adapter": "conv", "server": server.spec}, server)  # fmt: skip
@@ -163,8 +183,8 @@ def image_keys(images: torch.Tensor) -> list[bytes]:
 
 
 class Distiller:
-    """Teacher distillation (see the module docstring). ``teacher``: ``faceapi`` or a ppfr model.pt (its end-to-end
-    ``embed`` with a fixed generator); ``cache``: reuse teacher embeddings of byte-identical images."""
+    """Teacher distillation (see the module docstring). ``teacher``: ``faceapi``, a ppfr model.pt (its end-to-end
+    ``embed`` with a fixed generator) or an ``.onnx`` recogniser of 112 x 112 RGB in [-1, 1]; ``cache``: reuse teacher embeddings of byte-identical images."""
 
     def __init__(self, teacher: str, weight: float = 1.0, cache: bool = True, teacher_dir: str | None = None,
                  device: torch.device | str = "cpu") -> None:  # fmt: skip
@@ -175,6 +195,15 @@ class Distiller:
             judge = _load_faceapi(teacher_dir, "distill.teacher", "distill.teacher_dir", self.device)
             self.teacher_module: nn.Module = judge
             self._embed: Callable[[torch.Tensor], torch.Tensor] = judge.embed
+        elif is_onnx(teacher):  # an ONNX recogniser of RGB faces in [-1, 1], interpreted with PyTorch ops
+            net = _load_onnx(teacher, "distill.teacher")
+            if (net.spec["in_channels"], net.spec["in_size"]) != (3, 112):
+                raise TransferError(f"distill.teacher={teacher}: the teacher reads the clean 112 x 112 RGB faces, but "
+                                    f"the graph's input is ({net.spec['in_channels']}, {net.spec['in_size']}, "
+                                    f"{net.spec['in_size']})")  # fmt: skip
+            net = net.to(self.device).eval().requires_grad_(False)
+            self.teacher_module = net
+            self._embed = net
         else:
             m = _load_model(teacher, "distill.teacher").to(self.device).eval()
             m.requires_grad_(False)
