@@ -188,6 +188,23 @@ def _fake_row(method: str, training: str, acc: float, link: float | None, ssim: 
             "attack": {"kinds": kinds}}  # fmt: skip
 
 
+def test_chart_labels_of_clustered_points_do_not_overlap(tmp_path):
+    from ppfr.eval.chart import CHAR_W, LINE_H, label_steps, privacy_utility_chart
+
+    # five rows at nearly one spot (the ~70 % cluster of the study) and one far away
+    xs, ys = [0.50, 0.505, 0.51, 0.50, 0.515, 0.9], [0.50, 0.51, 0.50, 0.52, 0.505, 0.1]
+    labels = ["arcface", "arcface_fd", "duetface", "profacec", "partialface_transfer", "minusface"]
+    steps = label_steps(xs, ys, labels)
+    assert steps[-1] == 0 and len(set(steps[:5])) == 5  # the far point keeps its place; the cluster fans out
+    boxes = [(x + 0.01, y + 0.01 + k * LINE_H, x + 0.01 + CHAR_W * len(t), y + 0.01 + (k + 1) * LINE_H)
+             for x, y, t, k in zip(xs, ys, labels, steps)]  # fmt: skip
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    rows = [_fake_row(m, "scratch", 0.70 + 0.001 * i, 0.5 + 0.002 * i, 0.3) for i, m in enumerate(labels)]
+    assert privacy_utility_chart(rows, tmp_path / "c.png").stat().st_size > 10_000
+
+
 def test_report_has_training_column_chart_and_command(tmp_path):
     from ppfr.eval.chart import chart_points
     from ppfr.study import write_report
