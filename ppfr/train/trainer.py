@@ -349,6 +349,7 @@ class Trainer:
         self.log(f"stage {stage_idx} '{stage.name}' ({stage.description}): {stage_cfg.epochs} epoch(s){per} x {steps} "
                  f"steps, {sum(p.numel() for p in method.trainable_parameters()) / 1e6:.2f} M trainable parameters")  # fmt: skip
         first = last = None
+        step_ends: list[float] = []
         t_start = time.perf_counter()
         seen = 0
         remaining = (passes - state["epoch"]) * steps - state["step_in_epoch"]
@@ -389,6 +390,7 @@ class Trainer:
                     seen += images.shape[0] * self.world
                     done_here += 1
                     v = loss.item()
+                    step_ends.append(time.perf_counter())
                     first = v if first is None else first
                     last = v
                     if state["global_step"] % cfg.log_every == 0 or step == steps - 1:
@@ -410,7 +412,11 @@ class Trainer:
             self.checkpoint(method, head, opt, state, stage_idx, state["epoch"])
         ips = seen / max(time.perf_counter() - t_start, 1e-9)
         self.head = head
-        return {"stage": stage.name, "loss_first": first, "loss_last": last, "images_per_s": ips}
+        # the steady step: wall time between consecutive step ends (loader, step, bookkeeping), the stage's first
+        # step (allocation, lazy loads, the loader's start) left out; what the study's budget planner extrapolates
+        steady = (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1) if len(step_ends) > 1 else None
+        return {"stage": stage.name, "loss_first": first, "loss_last": last, "images_per_s": ips,
+                "steady_step_s": steady}  # fmt: skip
 
     def setup_transfer(self, method: Method) -> None:
         """``transfer:`` and ``distill:`` right after the method is built (a ConfigError naming the key when the
