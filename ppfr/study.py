@@ -395,21 +395,42 @@ def verify(method, cfg: StudyConfig) -> dict[str, Any]:
     return out
 
 
-def verify_cached(method, cfg: StudyConfig, model_pt: Path, tag: str) -> dict[str, Any]:
-    """:func:`verify`, kept in ``<run dir>/verify_<tag>.json`` with the SHA-256 of ``model_pt`` and the pairs it
-    read: a resumed study re-evaluates a reused model only when the model or the pairs changed."""
+def _verify_key(cfg: StudyConfig, model_pt: Path) -> dict[str, Any]:
     import hashlib
 
     digest = hashlib.sha256(model_pt.read_bytes()).hexdigest()
-    key = {"model_sha256": digest, "pairs": str(cfg.pairs), "image_root": cfg.image_root and str(cfg.image_root)}
+    return {"model_sha256": digest, "pairs": str(cfg.pairs), "image_root": cfg.image_root and str(cfg.image_root)}
+
+
+def cached_verification(cfg: StudyConfig, model_pt: Path, tag: str) -> dict[str, Any] | None:
+    """The result ``verify_cached`` kept for this model and these pairs, or None (absent, stale or torn)."""
     path = model_pt.parent / f"verify_{tag}.json"
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = {}
-        if old.get("key") == key and isinstance(old.get("result"), dict):
-            return old["result"]
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    ok = isinstance(old, dict) and old.get("key") == _verify_key(cfg, model_pt) and isinstance(old.get("result"), dict)
+    return old["result"] if ok else None
+
+
+def verify_tags(cfg: StudyConfig) -> list[tuple[StudyConfig, str]]:
+    """The verifications every trained run gets: ``--pairs`` and, with held-out identities, their pairs."""
+    tags = [(cfg, "pairs")]
+    if cfg.holdout_pairs:
+        tags.append((dataclasses.replace(cfg, pairs=cfg.holdout_pairs, image_root=None), "holdout"))
+    return tags
+
+
+def verify_cached(method, cfg: StudyConfig, model_pt: Path, tag: str) -> dict[str, Any]:
+    """:func:`verify`, kept in ``<run dir>/verify_<tag>.json`` with the SHA-256 of ``model_pt`` and the pairs it
+    read: a resumed study re-evaluates a reused model only when the model or the pairs changed."""
+    hit = cached_verification(cfg, model_pt, tag)
+    if hit is not None:
+        return hit
+    key = _verify_key(cfg, model_pt)
+    path = model_pt.parent / f"verify_{tag}.json"
     result = verify(method, cfg)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
@@ -482,9 +503,14 @@ def probe_costs(cfg: StudyConfig, runs: list[Run], out: Path, timing_images: tor
         past = (ledger.get("runs") or {}).get(run.label) or {}
         res = out / "attack" / run.label / "result.json"
         finished = res.is_file() and set(kinds) <= set(json.loads(res.read_text()).get("kinds", {}))
-        costs.append(RunCost(run.label, cfg.epochs * c["step_s"], c["fixed_s"], c["full_steps"],
+        model_pt = out / "runs" / run.label / "model.pt"
+        fixed = c["fixed_s"]
+        if model_pt.is_file() and all(cached_verification(cfg_, model_pt, tag) is not None for cfg_, tag in
+                                      verify_tags(cfg)):  # trained and evaluated: only the client/server timing
+            fixed = past.get("cost_s", 5.0)
+        costs.append(RunCost(run.label, cfg.epochs * c["step_s"], fixed, c["full_steps"],
                              0.0 if finished else past.get("attack_s"),  # a resumed run's finished attacks: free
-                             (out / "runs" / run.label / "model.pt").is_file()))  # fmt: skip
+                             model_pt.is_file()))  # fmt: skip
     shutil.rmtree(probe_dir, ignore_errors=True)
     return costs
 
@@ -589,11 +615,11 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
             server_model = model_pt
         t1 = time.perf_counter()
         method = load_method(model_pt)
-        row["verification"] = verify_cached(method, cfg, model_pt, "pairs")
-        if cfg.holdout_pairs:
-            held_cfg = dataclasses.replace(cfg, pairs=cfg.holdout_pairs, image_root=None)
-            row["holdout"] = verify_cached(method, held_cfg, model_pt, "holdout")
+        for vcfg, tag in verify_tags(cfg):
+            row["verification" if tag == "pairs" else "holdout"] = verify_cached(method, vcfg, model_pt, tag)
+        t_cost = time.perf_counter()
         row["cost"] = cost(method, timing_images)
+        spent["cost_s"] = round(time.perf_counter() - t_cost, 1)
         spent["eval_s"] = round(time.perf_counter() - t1, 1)
         held = f", held-out ids {row['holdout']['flip']['accuracy'] * 100:.2f} %" if "holdout" in row else ""
         log(f"study: {name}: acc {row['verification']['flip']['accuracy'] * 100:.2f} % (flip TTA){held}, "

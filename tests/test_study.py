@@ -129,8 +129,13 @@ def test_verify_cached_reuses_until_the_model_or_the_pairs_change(tmp_path, monk
     assert study.verify_cached(None, cfg, pt, "pairs")["flip"]["accuracy"] == 2
     assert study.verify_cached(None, dataclasses.replace(cfg, pairs="p2"), pt, "pairs")["flip"]["accuracy"] == 3
     (pt.parent / "verify_pairs.json").write_text("{not json")  # a torn file is recomputed, not trusted
+    assert study.cached_verification(cfg, pt, "pairs") is None
     assert study.verify_cached(None, cfg, pt, "pairs")["flip"]["accuracy"] == 4
     assert calls == ["p1", "p1", "p2", "p1"]
+    # what the planner asks: evaluated for these pairs (its evaluation then costs nothing), not for others
+    assert study.cached_verification(cfg, pt, "pairs") == {"flip": {"accuracy": 4}}
+    assert study.cached_verification(dataclasses.replace(cfg, pairs="p3"), pt, "pairs") is None
+    assert [t for _, t in study.verify_tags(dataclasses.replace(cfg, holdout_pairs="h"))] == ["pairs", "holdout"]
 
 
 def test_plan_budget_refuses_a_budget_too_small():
