@@ -402,8 +402,10 @@ def _verify_key(cfg: StudyConfig, model_pt: Path) -> dict[str, Any]:
     return {"model_sha256": digest, "pairs": str(cfg.pairs), "image_root": cfg.image_root and str(cfg.image_root)}
 
 
-def cached_verification(cfg: StudyConfig, model_pt: Path, tag: str) -> dict[str, Any] | None:
-    """The result ``verify_cached`` kept for this model and these pairs, or None (absent, stale or torn)."""
+def cached_verification(cfg: StudyConfig, model_pt: Path, tag: str, key: dict[str, Any] | None = None
+                        ) -> dict[str, Any] | None:  # fmt: skip
+    """The result ``verify_cached`` kept for this model and these pairs, or None (absent, stale or torn).
+    ``key``: the model's :func:`_verify_key` when the caller has it (the model file is hashed once)."""
     path = model_pt.parent / f"verify_{tag}.json"
     if not path.is_file():
         return None
@@ -411,7 +413,8 @@ def cached_verification(cfg: StudyConfig, model_pt: Path, tag: str) -> dict[str,
         old = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    ok = isinstance(old, dict) and old.get("key") == _verify_key(cfg, model_pt) and isinstance(old.get("result"), dict)
+    key = key or _verify_key(cfg, model_pt)
+    ok = isinstance(old, dict) and old.get("key") == key and isinstance(old.get("result"), dict)
     return old["result"] if ok else None
 
 
@@ -426,10 +429,10 @@ def verify_tags(cfg: StudyConfig) -> list[tuple[StudyConfig, str]]:
 def verify_cached(method, cfg: StudyConfig, model_pt: Path, tag: str) -> dict[str, Any]:
     """:func:`verify`, kept in ``<run dir>/verify_<tag>.json`` with the SHA-256 of ``model_pt`` and the pairs it
     read: a resumed study re-evaluates a reused model only when the model or the pairs changed."""
-    hit = cached_verification(cfg, model_pt, tag)
+    key = _verify_key(cfg, model_pt)
+    hit = cached_verification(cfg, model_pt, tag, key)
     if hit is not None:
         return hit
-    key = _verify_key(cfg, model_pt)
     path = model_pt.parent / f"verify_{tag}.json"
     result = verify(method, cfg)
     tmp = path.with_suffix(".tmp")
