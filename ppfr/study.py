@@ -91,6 +91,9 @@ class StudyConfig:
     # a time budget for the whole study (minutes): the planner sets each run's steps per epoch (see plan_budget)
     budget_min: float | None = None
     transfer: bool = False  # also train each method with a pretrained transfer (+ distillation) where one applies
+    # the transfer rows' schedule: "uniform" (``epochs`` per stage, as the scratch rows) or "config" (the epochs per
+    # stage and lr steps of each ``<method>_transfer.yaml``: the recipe measured for it, docs/methods.md)
+    transfer_schedule: str = "uniform"
     attack_share: float = 0.4  # the budget's share reserved for the attacks when the ledger has no measured figure
     probe_steps: int = 3  # training steps per stage the planner times for each run (the first is left out)
     holdout_ids: int = 0  # identities of ``data`` kept out of training for the ordering check (see split_holdout)
@@ -104,6 +107,8 @@ class StudyConfig:
         if self.holdout_ids < 0 or 0 < self.holdout_ids < 20:
             raise ValueError(f"--holdout-ids must be 0 or at least 20 (10 folds of 2 identities), got "
                              f"{self.holdout_ids}")
+        if self.transfer_schedule not in ("uniform", "config"):
+            raise ValueError(f"--transfer-schedule must be uniform or config, got {self.transfer_schedule!r}")
         if not 0 <= self.attack_share < 1 or self.probe_steps < 1:
             raise ValueError("attack_share must be in [0, 1) and probe_steps positive")
         unknown = [m for m in self.methods if not (Path(self.configs) / f"{m}_tiny.yaml").is_file()]
@@ -154,18 +159,25 @@ def study_runs(cfg: StudyConfig) -> list[Run]:
 def train_config(cfg: StudyConfig, method: str | Run, runs: Path, server: Path | None,
                  max_steps_per_epoch: int | None = None, epochs: int | None = None):  # fmt: skip
     """The run's config with the study's data, schedule (``epochs`` / ``max_steps_per_epoch`` override the study's,
-    for the planner) and (where the method has one) server."""
+    for the planner) and (where the method has one) server.
+
+    The schedule is ``cfg.epochs`` per stage (lr decayed for the last epoch), except for a transfer row under
+    ``transfer_schedule="config"``, which keeps its config's epochs, stages and lr steps (an explicit ``epochs``,
+    the probe's, is uniform for every row)."""
     from ppfr.methods import method_class
     from ppfr.train.config import load_config
 
     run = method if isinstance(method, Run) else Run(method, method, str(Path(cfg.configs) / f"{method}_tiny.yaml"))
+    uniform = epochs is not None or run.training == "scratch" or cfg.transfer_schedule == "uniform"
     epochs = epochs or cfg.epochs
     steps = max_steps_per_epoch or cfg.max_steps_per_epoch
     path = Path(run.config)
     base = load_config(path)
-    over = [f"name={run.label}", f"out_dir={runs}", f"data.source={cfg.data}", f"epochs={epochs}",
-            f"eval.pairs={cfg.pairs}", "eval.before=true", "eval.after=false", f"seed={cfg.seed}", "progress=lines",
-            f"optim.lr_steps=[{max(epochs - 1, 1)}]", *run.overrides]  # fmt: skip
+    over = [f"name={run.label}", f"out_dir={runs}", f"data.source={cfg.data}", f"eval.pairs={cfg.pairs}",
+            "eval.before=true", "eval.after=false", f"seed={cfg.seed}", "progress=lines"]  # fmt: skip
+    if uniform:
+        over += [f"epochs={epochs}", f"optim.lr_steps=[{max(epochs - 1, 1)}]"]
+    over += list(run.overrides)
     if cfg.image_root:
         over.append(f"eval.image_root={cfg.image_root}")
     if steps:
@@ -179,9 +191,16 @@ def train_config(cfg: StudyConfig, method: str | Run, runs: Path, server: Path |
                              f"{cfg.server_method} before {run.method} in --methods")  # fmt: skip
         # the given server replaces the config's own server stage: train the stages the method then has
         over += [f"method_options.server_ckpt={server}", "stages=[]"]
-    elif base.stages:
+    elif base.stages and uniform:
         over.append("stages=[" + ", ".join(f"{{name: {s.name}, epochs: {epochs}}}" for s in base.stages) + "]")
     return load_config(path, over)
+
+
+def stage_epochs(tcfg, n_stages: int) -> list[int]:
+    """Epochs of each of a run's ``n_stages`` training stages (its config's ``stages``, else ``epochs`` each)."""
+    if tcfg.stages and len(tcfg.stages) == n_stages:
+        return [int(s.epochs) for s in tcfg.stages]
+    return [int(tcfg.epochs)] * n_stages
 
 
 # ----------------------------------------------------------------------------------------------- holdout
@@ -372,6 +391,37 @@ def cost(method, images: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
+def payload_fingerprint(method, images: torch.Tensor) -> str:
+    """SHA-256 of what ``method``'s client sends for ``images`` (B, 3, S, S) in [-1, 1], secrets drawn from a
+    generator seeded 0: the tensors' names, shapes, dtypes and bytes. Every attack sees only the payload, so two
+    rows with one fingerprint (a transfer row whose client has nothing trained, as its scratch row's: ArcFace's
+    image, PartialFace's DCT ranks) face the same attacks with the same figures."""
+    import hashlib
+
+    payload = method.protect(images, generator=torch.Generator().manual_seed(0))
+    h = hashlib.sha256()
+    for name in sorted(payload.tensors):
+        t = payload.tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def reuse_attacks(twin: Path, dest: Path, label: str, twin_label: str) -> dict[str, Any]:
+    """Copy an earlier row's finished attacks (``<attack>/<twin>/result.json`` and its grid) as ``label``'s, marked
+    ``reused_from``: the two rows' payloads are bit-identical (:func:`payload_fingerprint`)."""
+    res = json.loads((twin / "result.json").read_text())
+    res.update(label=label, reused_from=twin_label)
+    dest.mkdir(parents=True, exist_ok=True)
+    if (twin / "grid.png").is_file():
+        shutil.copyfile(twin / "grid.png", dest / "grid.png")
+    tmp = dest / "result.json.tmp"
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    os.replace(tmp, dest / "result.json")
+    return res
+
+
+@torch.no_grad()
 def verify(method, cfg: StudyConfig) -> dict[str, Any]:
     """10-fold verification of the trained method, plain and with flip TTA through its client (the flipped image is
     protected and recognised), both from one pass: ``embed_source`` embeds each image as [e(x), e(flip x)]."""
@@ -496,7 +546,9 @@ def probe_costs(cfg: StudyConfig, runs: list[Run], out: Path, timing_images: tor
             # x1.5 for decoding and the fold sweep
             eval_s = 1.5 * (3 * n_images + 2 * n_held) * per_image
             c = {"step_s": stage_s / min(k, full), "fixed_s": max(wall - stage_s, 0.0) + eval_s + cost_s,
-                 "full_steps": full}  # fmt: skip
+                 "full_steps": full,
+                 "stage_step_s": [st.get("steady_step_s") or batch / max(st["images_per_s"], 1e-9)
+                                  for st in summary["stages"]]}  # fmt: skip
             cache["runs"][run.label] = c
             cache_path.write_text(json.dumps(cache, indent=2) + "\n")
             log(f"study: probe {run.label}: {c['step_s']:.2f} s per step (all stages, one epoch), fixed "
@@ -511,7 +563,13 @@ def probe_costs(cfg: StudyConfig, runs: list[Run], out: Path, timing_images: tor
         if model_pt.is_file() and all(cached_verification(cfg_, model_pt, tag) is not None for cfg_, tag in
                                       verify_tags(cfg)):  # trained and evaluated: only the client/server timing
             fixed = past.get("cost_s", 5.0)
-        costs.append(RunCost(run.label, cfg.epochs * c["step_s"], fixed, c["full_steps"],
+        per_stage = c.get("stage_step_s")
+        if per_stage:  # one step per epoch of every stage, at the run's own schedule
+            epochs = stage_epochs(train_config(cfg, run, probe_dir, server), len(per_stage))
+            step_s = sum(e * t for e, t in zip(epochs, per_stage))
+        else:  # a probe cached by an older version: the uniform schedule
+            step_s = cfg.epochs * c["step_s"]
+        costs.append(RunCost(run.label, step_s, fixed, c["full_steps"],
                              0.0 if finished else past.get("attack_s"),  # a resumed run's finished attacks: free
                              model_pt.is_file()))  # fmt: skip
     shutil.rmtree(probe_dir, ignore_errors=True)
@@ -582,6 +640,7 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     server_model: Path | None = None
+    attacked: dict[str, str] = {}  # payload fingerprint -> the label of a row whose attacks (every kind) finished
     for run in study:
         name = run.label
         row: dict[str, Any] = {"method": run.method, "label": name, "training": run.training,
@@ -631,6 +690,12 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
         res_path = attack_dir / name / "result.json"
         done = json.loads(res_path.read_text()).get("kinds", {}) if res_path.is_file() else {}
         todo = [k for k in kinds if k not in done]  # a killed study re-runs only the kinds it has not finished
+        fp = payload_fingerprint(method, timing_images[:8])
+        twin = attacked.get(fp)
+        if todo and twin is not None:  # the same payload as an earlier row: the same attacks, already run
+            reuse_attacks(attack_dir / twin, attack_dir / name, name, twin)
+            log(f"study: {name}: its payload is bit-identical to {twin}'s: {twin}'s attacks apply, reused")
+            todo = []
         if todo and time.perf_counter() >= deadline:
             skipped.append(f"{name}: attacks {', '.join(todo)} (the budget is spent)")
             log(f"study: {name}: attacks skipped, the budget is spent")
@@ -640,6 +705,8 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
             run_target(target, todo, attack_train, attack_val, acfg, attack_dir, judge, judge_orig, log=log)
             spent["attack_s"] = round(spent.get("attack_s", 0.0) * (len(done) > 0) + time.perf_counter() - t2, 1)
         row["attack"] = json.loads(res_path.read_text()) if res_path.is_file() else {"kinds": {}}
+        if set(kinds) <= set(row["attack"].get("kinds", {})):
+            attacked.setdefault(fp, name)
         rows.append(row)
         (out / "study.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
     if any((attack_dir / r["label"] / "result.json").is_file() for r in rows):
@@ -759,6 +826,8 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         f"{f' of at most {cfg.max_steps_per_epoch} steps' if cfg.max_steps_per_epoch and not plan else ''}"
         + (f" of at most {max(plan.steps.values())} steps (planned for a {cfg.budget_min:g} min budget)"
            if plan else "")
+        + (" (the transfer rows at their configs' own epochs per stage, the Training table's `stages` column)"
+           if cfg.transfer and cfg.transfer_schedule == "config" else "")
         + " on a few thousand faces, so absolute accuracies are far lower: "
         "compare methods with each other and with the unprotected `arcface` row, the reference point. The "
         "`training` column says how a row was trained: `scratch` (the method's tiny config from random weights) or "
@@ -827,6 +896,9 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         "recovery. `arcface` sends the face itself.",
         "- Linkage: each held-out identity's first face, clean, is the gallery (embedded by the judge); every other "
         "face, protected, is a query; top-1 = the nearest gallery face is the query's identity.",
+        *[f"- `{r['label']}` sends bit-identical payloads to `{r['attack']['reused_from']}`'s (checked on the timing "
+          f"batch: the same client): every attack sees only the payload, so its attack figures are "
+          f"`{r['attack']['reused_from']}`'s, not re-run." for r in rows if (r.get("attack") or {}).get("reused_from")],
         "- Client/server time: median over 3 batches of "
         f"{cfg.timing_batch} images on this CPU with {torch.get_num_threads()} thread(s), CPU backends.",
     ]
@@ -836,11 +908,11 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         "",
         "Verification accuracy without flip TTA before training (the same model, untrained) and after.",
         "",
-        "| method | training | acc % untrained → trained | stages: loss first → last | images/s | train time |",
+        "| method | training | acc % untrained → trained | stages (×epochs): loss first → last | images/s | train time |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        st = "; ".join(f"{s['stage']}: {s['loss_first']:.2f} → {s['loss_last']:.2f}" for s in r["train"]["stages"])
+        st = "; ".join(_stage_text(s) for s in r["train"]["stages"])
         ips = ", ".join(f"{s['images_per_s']:.1f}" for s in r["train"]["stages"])
         before = r["train"].get("before", {}).get("accuracy")
         after = r["verification"]["plain"]["accuracy"]
@@ -887,6 +959,12 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
                               title=f"ppfr study: {len(rows)} rows, {cfg.epochs} epoch(s) per stage")
 
 
+def _stage_text(stage: dict[str, Any]) -> str:
+    """``server ×3: 42.23 → 32.61``: a stage's name, its epochs (where recorded) and its first and last loss."""
+    ep = f" ×{stage['epochs']}" if stage.get("epochs") else ""
+    return f"{stage['stage']}{ep}: {stage['loss_first']:.2f} → {stage['loss_last']:.2f}"
+
+
 def _argv(cfg: StudyConfig) -> list[str]:
     args = [f"--data {cfg.data}", f"--pairs {cfg.pairs}", f"--out {cfg.out}", f"--epochs {cfg.epochs}",
             f"--attack-steps {cfg.attack_steps}"]  # fmt: skip
@@ -907,6 +985,8 @@ def _argv(cfg: StudyConfig) -> list[str]:
             args.append(f"--attack-share {cfg.attack_share:g}")
     if cfg.transfer != (cfg.budget_min is not None):
         args.append("--transfer" if cfg.transfer else "--no-transfer")
+    if cfg.transfer and cfg.transfer_schedule != StudyConfig.transfer_schedule:
+        args.append(f"--transfer-schedule {cfg.transfer_schedule}")
     if cfg.holdout_ids:
         args.append(f"--holdout-ids {cfg.holdout_ids}")
     if cfg.report:
@@ -943,6 +1023,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transfer", action=argparse.BooleanOptionalAction, default=None,
                     help="also train each method with pretrained transfer (+ distillation) where it applies "
                          "(default: on with --budget-min, off without)")
+    ap.add_argument("--transfer-schedule", choices=("uniform", "config"), default=d.transfer_schedule,
+                    help="the transfer rows' epochs: uniform (--epochs per stage, as the scratch rows) or config "
+                         "(each <method>_transfer.yaml's own stages, epochs and lr steps: its measured recipe)")
     ap.add_argument("--attack-share", type=float, default=d.attack_share,
                     help="with --budget-min: the budget's share the planner reserves for attacks it has not timed "
                          f"(default {d.attack_share})")
@@ -959,7 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
                           judge_dir=a.judge_dir, threads=a.threads, report=a.report,
                           max_steps_per_epoch=a.max_steps_per_epoch, batch_size=a.batch_size,
                           budget_min=a.budget_min, holdout_ids=a.holdout_ids,
-                          attack_share=a.attack_share,
+                          attack_share=a.attack_share, transfer_schedule=a.transfer_schedule,
                           transfer=a.transfer if a.transfer is not None else a.budget_min is not None)  # fmt: skip
         from ppfr.eval.attacks.cli import parse_kinds
 

@@ -180,6 +180,59 @@ def test_study_runs_pair_scratch_and_transfer_rows(tmp_path):
     assert [r.label for r in study_runs(dataclasses.replace(cfg, transfer=False))] == list(cfg.methods)
 
 
+def test_transfer_schedule_config_keeps_the_transfer_recipe(tmp_path):
+    from ppfr.study import _argv, stage_epochs, study_runs, train_config
+    from ppfr.train.config import load_config
+
+    cfg = StudyConfig(data="d", pairs="p", out=str(tmp_path), configs=str(ROOT / "configs"), transfer=True,
+                      epochs=2, budget_min=30, transfer_schedule="config")  # fmt: skip
+    runs = {r.label: r for r in study_runs(cfg)}
+    server = tmp_path / "arcface" / "model.pt"
+    for label in ("duetface_transfer", "minusface_transfer", "partialface_transfer"):
+        own = load_config(ROOT / "configs" / f"{label}.yaml")
+        tcfg = train_config(cfg, runs[label], tmp_path, server, 5)
+        n = max(len(own.stages), 1)
+        assert stage_epochs(tcfg, n) == stage_epochs(own, n), label  # the config's own epochs per stage
+        assert tcfg.optim.lr_steps == own.optim.lr_steps and tcfg.max_steps_per_epoch == 5
+        # the probe (explicit epochs) and the uniform schedule give every stage the same epochs
+        assert stage_epochs(train_config(cfg, runs[label], tmp_path, server, 5, epochs=1), n) == [1] * n
+        uni = train_config(dataclasses.replace(cfg, transfer_schedule="uniform"), runs[label], tmp_path, server, 5)
+        assert stage_epochs(uni, n) == [2] * n and list(uni.optim.lr_steps) == [1]
+    # the scratch rows keep the uniform schedule under either setting
+    scratch = train_config(cfg, runs["duetface"], tmp_path, server, 5)
+    assert stage_epochs(scratch, 2) == [2, 2] and list(scratch.optim.lr_steps) == [1]
+    assert "--transfer-schedule config" in " ".join(_argv(cfg))
+    with pytest.raises(ValueError, match="transfer-schedule"):
+        StudyConfig(data="d", pairs="p", out=str(tmp_path), configs=str(ROOT / "configs"), transfer_schedule="x")
+
+
+def test_payload_fingerprint_names_rows_whose_attacks_are_the_same(tmp_path):
+    from ppfr.methods import build_method
+    from ppfr.study import payload_fingerprint, reuse_attacks
+
+    x = torch.rand(3, 3, 112, 112) * 2 - 1
+    torch.manual_seed(0)
+    a = build_method("partialface", depth=18, width=16)
+    torch.manual_seed(1)
+    b = build_method("partialface", depth=18, width=16)  # another server init: the client (DCT ranks) is the same
+    assert payload_fingerprint(a, x) == payload_fingerprint(b, x)
+    assert payload_fingerprint(a, x) != payload_fingerprint(a, x.flip(-1))
+    assert payload_fingerprint(a, x) != payload_fingerprint(build_method("arcface", depth=18, width=16), x)
+    torch.manual_seed(0)
+    d1 = build_method("duetface", depth=18, width=16, roi="template")
+    torch.manual_seed(1)
+    d2 = build_method("duetface", depth=18, width=16, roi="template")  # a client with other weights: other payloads
+    assert payload_fingerprint(d1, x) != payload_fingerprint(d2, x)
+    twin, dest = tmp_path / "partialface", tmp_path / "partialface_transfer"
+    twin.mkdir()
+    (twin / "result.json").write_text(json.dumps({"label": "partialface", "kinds": {"recovery": {"ssim": 0.5}}}))
+    (twin / "grid.png").write_bytes(b"png")
+    res = reuse_attacks(twin, dest, "partialface_transfer", "partialface")
+    assert res == json.loads((dest / "result.json").read_text())
+    assert res["label"] == "partialface_transfer" and res["reused_from"] == "partialface"
+    assert res["kinds"] == {"recovery": {"ssim": 0.5}} and (dest / "grid.png").read_bytes() == b"png"
+
+
 # ------------------------------------------------------------------------------------------- report and chart
 def _fake_row(method: str, training: str, acc: float, link: float | None, ssim: float | None) -> dict:
     kinds = {} if link is None else {"linkage": {"linkage_top1": link, "chance": {"linkage_top1": 0.05}},
@@ -228,6 +281,10 @@ def test_report_has_training_column_chart_and_command(tmp_path):
     assert "| partialface | transfer+distill | 78.00" in text and "| training |" in text
     assert "(privacy_utility.png)" in text and "ppfr study --data d --pairs p" in text and "--budget-min 30" in text
     assert "Skipped for the budget: minusface: attacks" in text
+    assert "bit-identical" not in text
+    rows[3]["attack"]["reused_from"] = "partialface"
+    write_report(cfg, rows, report, 60.0, None, {"seconds": 60.0, "invocations": 1}, [])
+    assert "`partialface_transfer` sends bit-identical payloads to `partialface`'s" in report.read_text()
     png = report.parent / "privacy_utility.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     pts = {(p["label"]): p for p in chart_points(rows)}

@@ -415,8 +415,8 @@ class Trainer:
         # the steady step: wall time between consecutive step ends (loader, step, bookkeeping), the stage's first
         # step (allocation, lazy loads, the loader's start) left out; what the study's budget planner extrapolates
         steady = (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1) if len(step_ends) > 1 else None
-        return {"stage": stage.name, "loss_first": first, "loss_last": last, "images_per_s": ips,
-                "steady_step_s": steady}  # fmt: skip
+        return {"stage": stage.name, "epochs": stage_cfg.epochs, "loss_first": first, "loss_last": last,
+                "images_per_s": ips, "steady_step_s": steady}  # fmt: skip
 
     def setup_transfer(self, method: Method) -> None:
         """``transfer:`` and ``distill:`` right after the method is built (a ConfigError naming the key when the
