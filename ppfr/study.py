@@ -955,8 +955,14 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
     from ppfr.eval.chart import privacy_utility_chart
 
     if rows:  # after the tables: a missing matplotlib then stops with the report already written
-        privacy_utility_chart(rows, path.parent / "privacy_utility.png",
-                              title=f"ppfr study: {len(rows)} rows, {cfg.epochs} epoch(s) per stage")
+        privacy_utility_chart(rows, path.parent / "privacy_utility.png", title=chart_title(cfg, len(rows)))
+
+
+def chart_title(cfg: StudyConfig, n_rows: int) -> str:
+    """The chart's title: the rows and their schedule (the transfer rows' own recipes under
+    ``transfer_schedule="config"``)."""
+    recipes = ", transfer rows at their configs' recipes" if cfg.transfer and cfg.transfer_schedule == "config" else ""
+    return f"ppfr study: {n_rows} rows, {cfg.epochs} epoch(s) per stage{recipes}"
 
 
 def _stage_text(stage: dict[str, Any]) -> str:

@@ -181,7 +181,7 @@ def test_study_runs_pair_scratch_and_transfer_rows(tmp_path):
 
 
 def test_transfer_schedule_config_keeps_the_transfer_recipe(tmp_path):
-    from ppfr.study import _argv, stage_epochs, study_runs, train_config
+    from ppfr.study import _argv, chart_title, stage_epochs, study_runs, train_config
     from ppfr.train.config import load_config
 
     cfg = StudyConfig(data="d", pairs="p", out=str(tmp_path), configs=str(ROOT / "configs"), transfer=True,
@@ -202,6 +202,8 @@ def test_transfer_schedule_config_keeps_the_transfer_recipe(tmp_path):
     scratch = train_config(cfg, runs["duetface"], tmp_path, server, 5)
     assert stage_epochs(scratch, 2) == [2, 2] and list(scratch.optim.lr_steps) == [1]
     assert "--transfer-schedule config" in " ".join(_argv(cfg))
+    assert chart_title(cfg, 11) == "ppfr study: 11 rows, 2 epoch(s) per stage, transfer rows at their configs' recipes"
+    assert chart_title(dataclasses.replace(cfg, transfer_schedule="uniform"), 3).endswith("2 epoch(s) per stage")
     with pytest.raises(ValueError, match="transfer-schedule"):
         StudyConfig(data="d", pairs="p", out=str(tmp_path), configs=str(ROOT / "configs"), transfer_schedule="x")
 
