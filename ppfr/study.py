@@ -827,7 +827,7 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         + (f" of at most {max(plan.steps.values())} steps (planned for a {cfg.budget_min:g} min budget)"
            if plan else "")
         + (" (the transfer rows at their configs' own epochs per stage, the Training table's `stages` column)"
-           if cfg.transfer and cfg.transfer_schedule == "config" else "")
+           if _own_recipes(cfg) else "")
         + " on a few thousand faces, so absolute accuracies are far lower: "
         "compare methods with each other and with the unprotected `arcface` row, the reference point. The "
         "`training` column says how a row was trained: `scratch` (the method's tiny config from random weights) or "
@@ -908,7 +908,8 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         "",
         "Verification accuracy without flip TTA before training (the same model, untrained) and after.",
         "",
-        "| method | training | acc % untrained → trained | stages (×epochs): loss first → last | images/s | train time |",
+        "| method | training | acc % untrained → trained | stages (×epochs): loss first → last | images/s "
+        "| train time |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -958,10 +959,15 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         privacy_utility_chart(rows, path.parent / "privacy_utility.png", title=chart_title(cfg, len(rows)))
 
 
+def _own_recipes(cfg: StudyConfig) -> bool:
+    """Whether the study has transfer rows that train their configs' own schedules (the report says so)."""
+    return cfg.transfer and cfg.transfer_schedule == "config"
+
+
 def chart_title(cfg: StudyConfig, n_rows: int) -> str:
     """The chart's title: the rows and their schedule (the transfer rows' own recipes under
     ``transfer_schedule="config"``)."""
-    recipes = ", transfer rows at their configs' recipes" if cfg.transfer and cfg.transfer_schedule == "config" else ""
+    recipes = ", transfer rows at their configs' recipes" if _own_recipes(cfg) else ""
     return f"ppfr study: {n_rows} rows, {cfg.epochs} epoch(s) per stage{recipes}"
 
 
@@ -991,7 +997,7 @@ def _argv(cfg: StudyConfig) -> list[str]:
             args.append(f"--attack-share {cfg.attack_share:g}")
     if cfg.transfer != (cfg.budget_min is not None):
         args.append("--transfer" if cfg.transfer else "--no-transfer")
-    if cfg.transfer and cfg.transfer_schedule != StudyConfig.transfer_schedule:
+    if _own_recipes(cfg):
         args.append(f"--transfer-schedule {cfg.transfer_schedule}")
     if cfg.holdout_ids:
         args.append(f"--holdout-ids {cfg.holdout_ids}")
