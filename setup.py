@@ -13,6 +13,7 @@ Environment flags:
   PPFR_CUDA_ARCHS="80;90"  CUDA architectures (default 80;90)
   PPFR_CPU_ARCH=native     -march for the CPU kernels ("" for a portable build)
   MAX_JOBS=N               parallel compile jobs (default: number of CPUs)
+  PPFR_WERROR=0            do not treat compiler warnings as errors (default 1; a fallback for newer compilers)
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class CMakeBuild(build_ext):
         want_cuda = any(e.name == "ppfr._C_cuda" for e in self.extensions)
         import pybind11  # a build requirement; imported here so `setup.py --help` works without it
 
+        werror_off = os.environ.get("PPFR_WERROR", "1").strip().lower() in ("0", "false", "no", "off")
+
         cfg = [
             "cmake", "-S", str(ROOT), "-B", str(build_dir),
             f"-DPython_EXECUTABLE={sys.executable}",
@@ -76,6 +79,7 @@ class CMakeBuild(build_ext):
             f"-DPPFR_CUDA={'ON' if want_cuda else 'OFF'}",
             f"-DPPFR_CPU_ARCH={os.environ.get('PPFR_CPU_ARCH', 'native')}",
             f"-DPPFR_CUDA_ARCHS={os.environ.get('PPFR_CUDA_ARCHS', '80;90')}",
+            f"-DPPFR_WERROR={'OFF' if werror_off else 'ON'}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]  # fmt: skip
         if want_cuda:
@@ -85,7 +89,8 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.run(cfg, check=True)
         subprocess.run(["cmake", "--build", str(build_dir), "--parallel", jobs], check=True)
-        info = {"cuda_module": want_cuda, "cpu_arch": os.environ.get("PPFR_CPU_ARCH", "native")}
+        info = {"cuda_module": want_cuda, "cpu_arch": os.environ.get("PPFR_CPU_ARCH", "native"),
+                "werror": not werror_off}
         (out_dir / "_build_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
