@@ -1040,21 +1040,44 @@ def test_triton_runner_request_response_mapping(runner, method, faces):
 
 
 def test_openapi_page_lists_every_endpoint_with_its_summary_and_body():
-    """The routes are generated from one table: each keeps its own operation, summary and request body schema."""
+    """The routes of both stacks are generated from one table (ppfr.deploy.api): each keeps its own operation,
+    summary, typed request body and answer, and the error statuses it can answer."""
+    from ppfr.deploy import api
     from ppfr.deploy.app import create_app
 
     class SpecOnly:
         backend, method, embedding_size = "none", "arcface", 512
         input_spec = ppfr.build_method("arcface", depth=18, width=8).payload_spec
 
-    spec = create_app(RecognitionService(SpecOnly(), Gallery(512), TOKEN), own_service=False).openapi()
+    service = RecognitionService(SpecOnly(), Gallery(512), TOKEN)
+    app = create_app(service, own_service=False)
+    spec = app.openapi()
+    assert spec == service.prepare("/openapi.json", None) == api.openapi()  # the stdlib stack serves the same
     ops = {(m.upper(), p): op for p, item in spec["paths"].items() for m, op in item.items()}
     want = {("GET", "/health"), ("GET", "/v1/info"), ("GET", "/v1/identities"), ("POST", "/v1/enrol"),
             ("POST", "/v1/verify"), ("POST", "/v1/identify"), ("POST", "/v1/remove")}  # fmt: skip
     assert want <= set(ops)
+    routed = {(m, r.path) for r in app.routes if getattr(r, "include_in_schema", False) for m in r.methods - {"HEAD"}}
+    assert routed == set(ops) == {(e.verb, e.path) for e in RecognitionService.ROUTES.values()}
     assert len({op["operationId"] for op in ops.values()}) == len(ops)
     assert ops[("POST", "/v1/verify")]["summary"] == "one probe against a named identity"
+    schemas = spec["components"]["schemas"]
+
+    def resolve(s):
+        return schemas[s["$ref"].rsplit("/", 1)[-1]]
+
     for path in ("/v1/enrol", "/v1/verify", "/v1/identify", "/v1/remove"):
-        assert ops[("POST", path)]["requestBody"]["required"] is True
-    assert ops[("POST", "/v1/remove")]["requestBody"]["content"]["application/json"]["schema"]["required"] == ["name"]
+        body = ops[("POST", path)]["requestBody"]
+        assert body["required"] is True
+        assert (wire.CONTENT_TYPE in body["content"]) == (path != "/v1/remove")  # the payload endpoints take binary
+    remove = ops[("POST", "/v1/remove")]
+    assert resolve(remove["requestBody"]["content"]["application/json"]["schema"])["required"] == ["name"]
     assert "requestBody" not in ops[("GET", "/v1/info")]
+    assert {"404", "401", "413", "422"} <= set(ops[("POST", "/v1/verify")]["responses"])
+    assert resolve(ops[("POST", "/v1/verify")]["responses"]["404"]["content"]["application/json"]["schema"]) == \
+        schemas["Error"]  # fmt: skip
+    assert resolve(ops[("GET", "/v1/info")]["responses"]["200"]["content"]["application/json"]["schema"])[
+        "properties"]["input_spec"]  # fmt: skip
+    assert spec["components"]["securitySchemes"][api.BEARER] == {"type": "http", "scheme": "bearer",
+                                                                 "description": "the server's access token"}
+    assert spec["security"] == [{api.BEARER: []}] and ops[("GET", "/health")]["security"] == []

@@ -18,9 +18,12 @@ deadline for a request to arrive, and whose concurrency limit a slowloris client
   - malformed framing (repeated or conflicting ``Content-Length``, a bad length, an oversized head) is answered by
     h11 before the app: 400 with a JSON error, connection closed.
 
-* The ASGI app (``create_app``): ``Content-Length`` required and checked against ``max_request_bytes`` *before*
+* The ASGI app (``create_app``), routed from the table of ``ppfr.deploy.api`` as the stdlib stack is, serving its
+  typed OpenAPI document (``/openapi.json``, rendered at ``/docs``): ``Content-Length`` required and checked against ``max_request_bytes`` *before*
   the body is read (413), chunked bodies refused (411), the streamed body capped at the declared length; the body
-  is parsed and checked on a thread (it is CPU work), queued work is awaited without holding a thread.
+  is parsed and checked on a thread (it is CPU work), queued work is awaited without holding a thread. Every answer
+  is JSON: an exception escaping a handler is a 500 with ``Connection: close`` (``serve.internal_error``), a verb a
+  route does not take a 405 with ``Allow``.
 
 Run it with ``ppfr serve MODEL --gallery URI --workers N`` (``serve.main``), or in-process with ``AsgiServer``
 (tests). With several workers every process loads the model and opens the gallery, which must then be one that
@@ -45,13 +48,14 @@ import uvicorn
 from fastapi import FastAPI, Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ppfr.deploy import wire
-from ppfr.deploy.serve import _EVICT_IDLE_AFTER, RecognitionService, RequestError, ServeConfig, _Job
+from ppfr.deploy import api
+from ppfr.deploy.serve import (
+    _EVICT_IDLE_AFTER, RecognitionService, RequestError, ServeConfig, _Job, internal_error,
+)  # fmt: skip
 
 log = logging.getLogger("ppfr.serve")
 
 SPEC_ENV = "PPFR_SERVE_SPEC"  # JSON handed to worker processes: model, backend, gallery, config
-_JSON = "application/json"
 
 
 # -------------------------------------------------------------------------------------------- connections
@@ -272,15 +276,6 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
                                                                          **(headers or {})})  # fmt: skip
 
 
-_PAYLOAD_BODY = {
-    "required": True,
-    "description": "the endpoint's fields with a protected payload: the binary wire format "
-                   f"({wire.CONTENT_TYPE}, see ppfr.deploy.wire) or JSON with a base64 payload object",
-    "content": {wire.CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
-                _JSON: {"schema": {"type": "object"}}},
-}  # fmt: skip
-
-
 def create_app(service: RecognitionService, *, own_service: bool = True) -> Any:
     """The FastAPI app over ``service``. own_service: start its worker on startup, and on shutdown drain it and
     close the gallery (False when the caller manages the service)."""
@@ -304,9 +299,12 @@ def create_app(service: RecognitionService, *, own_service: bool = True) -> Any:
                 await run_in_threadpool(service.worker.stop, 30.0)
                 service.gallery.close()
 
-    app = FastAPI(title="ppfr recognition server", version="1", lifespan=lifespan,
-                  description="enrol / verify / identify protected payloads (never images)")  # fmt: skip
+    # FastAPI's own /openapi.json is off: the document is ppfr.deploy.api's, served by the route table below
+    # (the stdlib stack serves the same one); /docs renders it.
+    app = FastAPI(title="ppfr recognition server", version="1", lifespan=lifespan, openapi_url=None, docs_url=None,
+                  redoc_url=None, description="enrol / verify / identify protected payloads (never images)")
     app.state.service = service
+    app.openapi = api.openapi  # type: ignore[method-assign]  (app.openapi() is what the tests and /docs read)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Any:  # 404 / 405 of the router
@@ -323,6 +321,11 @@ def create_app(service: RecognitionService, *, own_service: bool = True) -> Any:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Any:
         return _error(400, str(exc)[:300])
+
+    @app.exception_handler(Exception)
+    async def unhandled(request: Request, exc: Exception) -> Any:  # anything that escaped a handler: a bug
+        err = internal_error(exc, request.url.path)
+        return _error(err.status, err.message, err.headers)
 
     def _auth(request: Request) -> None:
         if not service.authorized(request.headers.get("authorization")):
@@ -360,7 +363,8 @@ def create_app(service: RecognitionService, *, own_service: bool = True) -> Any:
 
     async def _answer(request: Request, path: str, needs_body: bool) -> Any:
         try:
-            _auth(request)
+            if service.ROUTES[path].auth:
+                _auth(request)
             if needs_body:
                 data = await _body(request)
                 ctype = request.headers.get("content-type")
@@ -375,28 +379,22 @@ def create_app(service: RecognitionService, *, own_service: bool = True) -> Any:
                 out = await service.worker.submit_async(out)
         except RequestError as exc:
             return _error(exc.status, exc.message, exc.headers)
+        except Exception as exc:  # the same answer as the app-wide handler, without uvicorn's second traceback
+            err = internal_error(exc, path)
+            return _error(err.status, err.message, err.headers)
         return JSONResponse(out, headers={"Cache-Control": "no-store"})
 
-    @app.get("/health", summary="liveness: 200 ok, 503 while draining (no token)")
-    async def health() -> Any:
-        if service.draining:
-            return _error(503, "draining")
-        return JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
+    # one route per endpoint of the shared table, all answered by _answer (the service's prepare); the POSTs read a
+    # body. Their schemas are in the table's OpenAPI document, not in these functions' signatures.
+    for e in api.ENDPOINTS:
+        app.add_api_route(e.path, _endpoint(_answer, e.path, e.verb == "POST"), methods=[e.verb], name=e.name,
+                          summary=e.summary)  # fmt: skip
 
-    remove_body = {"required": True, "content": {_JSON: {"schema": {
-        "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}}  # fmt: skip
-    # one route per endpoint (each with its own summary and body schema on the OpenAPI page), all answered by
-    # _answer; the payload-carrying POSTs read a body
-    routes = (("GET", "/v1/info", "method, payload spec, backend, embedding size, limits, gallery size", None),
-              ("GET", "/v1/identities", "enrolled identities and their embedding counts", None),
-              ("POST", "/v1/enrol", "enrol every sample of a payload under a name", _PAYLOAD_BODY),
-              ("POST", "/v1/verify", "one probe against a named identity", _PAYLOAD_BODY),
-              ("POST", "/v1/identify", "one probe against the gallery: ranked candidates", _PAYLOAD_BODY),
-              ("POST", "/v1/remove", "delete an identity", remove_body))  # fmt: skip
-    for method, path, summary, body in routes:
-        app.add_api_route(path, _endpoint(_answer, path, method == "POST"), methods=[method], summary=summary,
-                          name=path.rsplit("/", 1)[-1],
-                          openapi_extra={"requestBody": body} if body is not None else None)  # fmt: skip
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Any:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="ppfr recognition server")
 
     return app
 

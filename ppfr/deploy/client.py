@@ -39,10 +39,11 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ppfr.deploy import wire as wirefmt
-from ppfr.deploy.wire import MAX_RANK, WIRE_DTYPES, WireError
+from ppfr.deploy.wire import MAX_RANK, WIRE_DTYPES, DeclaredTensor, WireError
 
 __all__ = ["Client", "ServerError", "WireError", "decode_payload", "decode_tensor", "encode_payload",
-           "encode_tensor", "protect_images", "read_faces", "read_token", "WIRE_DTYPES", "MAX_RANK"]
+           "encode_tensor", "protect_images", "read_faces", "read_payload", "read_tensor", "read_token", "WIRE_DTYPES",
+           "MAX_RANK"]
 
 
 def encode_tensor(a: Any) -> dict:
@@ -58,30 +59,36 @@ def encode_tensor(a: Any) -> dict:
 
 def decode_tensor(obj: Any, where: str = "tensor") -> np.ndarray:
     """The inverse of encode_tensor, refusing anything malformed with a WireError naming ``where``."""
+    return read_tensor(obj, "tensor", where).decode()
+
+
+def read_tensor(obj: Any, name: str, where: str) -> DeclaredTensor:
+    """A JSON tensor object -> its checked dtype and shape, decoded on demand (``DeclaredTensor``). The declared
+    name, dtype and shape go through the binary codec's check (``wire.check_declared``), and the base64 text's
+    length must be exactly what they need, all before a byte is decoded."""
     if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
         got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise WireError(f"{where} must be an object with exactly dtype, shape, data; got {got}")
-    dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
-        raise WireError(f"{where}: dtype must be one of {sorted(WIRE_DTYPES)}, got {dtype!r}")
-    if (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_RANK
-            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape)):  # fmt: skip
-        raise WireError(f"{where}: shape must be a list of 1..{MAX_RANK} non-negative integers, got {shape!r}")
+    dt, shape, count = wirefmt.check_declared(name, obj["dtype"], obj["shape"], where)
+    data = obj["data"]
     if not isinstance(data, str):
         raise WireError(f"{where}: data must be a base64 string")
-    dt = WIRE_DTYPES[dtype]
-    expected = int(np.prod(shape, dtype=object)) * dt.itemsize
+    expected = count * dt.itemsize
     # base64 length is fixed by the byte count: check it before decoding (no allocation for a lying shape)
     if len(data) != 4 * ((expected + 2) // 3):
-        raise WireError(f"{where}: {dtype} {shape} needs {expected} bytes, the base64 data has a different length")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except ValueError as exc:
-        raise WireError(f"{where}: data is not valid base64 ({exc})") from None
-    if len(raw) != expected:
-        raise WireError(f"{where}: {dtype} {shape} needs {expected} bytes, got {len(raw)}")
-    # bytearray: a writable buffer (torch.from_numpy and in-place consumers refuse read-only arrays)
-    return np.frombuffer(bytearray(raw), dtype=dt).reshape(shape).astype(dt.newbyteorder("="), copy=False)
+        raise WireError(f"{where}: {dt.name} {list(shape)} needs {expected} bytes, the base64 data has a "
+                        f"different length")  # fmt: skip
+
+    def decode() -> np.ndarray:
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except ValueError as exc:  # binascii.Error, or non-ASCII text
+            raise WireError(f"{where}: data is not valid base64 ({str(exc)[:80]})") from None
+        if len(raw) != expected:
+            raise WireError(f"{where}: {dt.name} {list(shape)} needs {expected} bytes, got {len(raw)}")
+        return wirefmt.array_from_bytes(raw, dt, shape, where)
+
+    return DeclaredTensor(name, dt.newbyteorder("="), shape, decode)
 
 
 def encode_payload(payload: Any) -> dict:
@@ -92,6 +99,13 @@ def encode_payload(payload: Any) -> dict:
 
 def decode_payload(obj: Any) -> tuple[str, int, dict[str, np.ndarray]]:
     """A wire object -> (method, schema_version, {name: array}); WireError if malformed (not checked: the spec)."""
+    method, version, tensors = read_payload(obj)
+    return method, version, {k: t.decode() for k, t in tensors.items()}
+
+
+def read_payload(obj: Any) -> tuple[str, int, dict[str, DeclaredTensor]]:
+    """``decode_payload`` without the decoding: {name: DeclaredTensor}, whose dtype and shape a server compares
+    with its spec before ``decode()`` allocates."""
     if not isinstance(obj, dict) or set(obj) != {"method", "schema_version", "tensors"}:
         got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise WireError(f"payload must be an object with exactly method, schema_version, tensors; got {got}")
@@ -100,9 +114,9 @@ def decode_payload(obj: Any) -> tuple[str, int, dict[str, np.ndarray]]:
         raise WireError("payload method must be a string")
     if not isinstance(version, int) or isinstance(version, bool):
         raise WireError("payload schema_version must be an integer")
-    if not isinstance(tensors, dict) or not tensors:
-        raise WireError("payload tensors must be a non-empty object")
-    return method, version, {str(k): decode_tensor(v, f"payload tensor {k!r}") for k, v in tensors.items()}
+    if not isinstance(tensors, dict) or not 1 <= len(tensors) <= wirefmt.MAX_TENSORS:
+        raise WireError(f"payload tensors must be an object of 1..{wirefmt.MAX_TENSORS} tensors")
+    return method, version, {k: read_tensor(v, k, f"payload tensor {k[:64]!r}") for k, v in tensors.items()}
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -383,9 +397,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps(out, indent=2, ensure_ascii=False))
     return 0
-
-
-def register(sub) -> None:
-    from ppfr.cli import add_delegating_verb
-
-    add_delegating_verb(sub, "client", "protect faces locally and enrol/verify/identify them on a ppfr server", main)

@@ -62,14 +62,14 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ppfr.deploy import wire
-from ppfr.deploy.client import WireError, decode_payload, read_token
+from ppfr.deploy import api, wire
+from ppfr.deploy.api import MAX_TOP_K
+from ppfr.deploy.client import WireError, read_payload, read_token
 from ppfr.deploy.gallery import Gallery, GalleryError, check_name
 
 log = logging.getLogger("ppfr.serve")
 
 DEFAULT_THRESHOLD = 0.3
-MAX_TOP_K = 100
 
 
 @dataclass
@@ -116,6 +116,15 @@ class RequestError(Exception):
         self.status = status
         self.message = message
         self.headers = headers or {}
+
+
+def internal_error(exc: BaseException, where: str) -> RequestError:
+    """The answer, on both stacks, to an exception that escaped a request handler (a bug): logged with its traceback
+    here, answered as JSON 500 naming only the exception's type (no message, traceback or path reaches the client),
+    and ``Connection: close``, since what the handler left half-done (an unread body) makes the connection's state
+    unknown: the client opens a fresh one instead of having its next request reset."""
+    log.error("unhandled error on %s", where, exc_info=exc)
+    return RequestError(500, f"internal error: {type(exc).__name__}", {"Connection": "close"})
 
 
 def _numpy_dtype(torch_dtype: Any) -> np.dtype:
@@ -406,11 +415,7 @@ class BatchingWorker:
 class RecognitionService:
     """The endpoints, independent of HTTP: checks requests against the runner's spec and talks to the worker."""
 
-    ROUTES: dict[str, tuple[str, bool]] = {  # path -> (HTTP method, needs auth)
-        "/health": ("GET", False), "/v1/info": ("GET", True), "/v1/identities": ("GET", True),
-        "/v1/enrol": ("POST", True), "/v1/verify": ("POST", True), "/v1/identify": ("POST", True),
-        "/v1/remove": ("POST", True),
-    }  # fmt: skip
+    ROUTES: dict[str, api.Endpoint] = api.ROUTES  # path -> its verb, auth, schemas (both stacks route from it)
 
     def __init__(self, runner: Any, gallery: Gallery, token: str, config: ServeConfig | None = None) -> None:
         if not token:
@@ -457,7 +462,7 @@ class RecognitionService:
                                     "method.protect + ppfr.deploy.client.Client)")  # fmt: skip
         if ctype == wire.CONTENT_TYPE or (not ctype and wire.is_message(data)):
             try:
-                method, version, tensors, fields = wire.decode_message(data)
+                method, version, tensors, fields = wire.read_message(data)  # decoded by check_payload
             except WireError as exc:
                 raise RequestError(400, f"malformed payload: {exc}") from None
             if "payload" in fields:
@@ -472,17 +477,16 @@ class RecognitionService:
 
     def check_payload(self, obj: Any, single: bool) -> tuple[dict[str, np.ndarray], int]:
         """A payload (a JSON wire object or a DecodedPayload of the binary format) -> (inputs for runner.run, batch
-        size), or RequestError(400) saying what is wrong."""
+        size), or RequestError(400) saying what is wrong. Everything declared (method, names, dtypes, shapes, the
+        batch size) is checked before a tensor is decoded: a payload is allocated only once it is what the method
+        takes, so no encoding or dtype can make the server hold more than that."""
         method_name = self.runner.method
         if obj is None:
             raise RequestError(400, f"missing 'payload': send a protected {method_name} payload (see ppfr client)")
-        if isinstance(obj, DecodedPayload):
-            method, version, tensors = obj
-        else:
-            try:
-                method, version, tensors = decode_payload(obj)
-            except WireError as exc:
-                raise RequestError(400, f"malformed payload: {exc}") from None
+        try:
+            method, version, tensors = obj if isinstance(obj, DecodedPayload) else read_payload(obj)
+        except WireError as exc:
+            raise RequestError(400, f"malformed payload: {exc}") from None
         if method != method_name:
             raise RequestError(400, f"payload is for method {method!r}, this server runs {method_name!r}")
         if version != self.schema_version:
@@ -494,15 +498,28 @@ class RecognitionService:
             raise RequestError(400, f"{method_name} payload must hold tensors {sorted(self.spec)}, "
                                     f"got {sorted(tensors)}{hint}")  # fmt: skip
         b = None
-        for name, (shape, dtype, low, high) in self.spec.items():
-            a = tensors[name]
-            if a.dtype != dtype or tuple(a.shape[1:]) != shape:
-                hint = " (an RGB image is not a payload)" if a.ndim == 4 and a.shape[1] == 3 and shape[0] != 3 else ""
+        for name, (shape, dtype, _, _) in self.spec.items():
+            t = tensors[name]  # declared only: nothing decoded yet
+            if t.dtype != dtype or tuple(t.shape[1:]) != shape:
+                hint = " (an RGB image is not a payload)" if t.ndim == 4 and t.shape[1] == 3 and shape[0] != 3 else ""
                 raise RequestError(400, f"{method_name} payload {name!r} must be (B, {', '.join(map(str, shape))}) "
-                                        f"{dtype}, got {tuple(a.shape)} {a.dtype}{hint}")  # fmt: skip
-            if b is not None and a.shape[0] != b:
+                                        f"{dtype}, got {tuple(t.shape)} {t.dtype}{hint}")  # fmt: skip
+            if b is not None and t.shape[0] != b:
                 raise RequestError(400, f"{method_name} payload tensors disagree on the batch size")
-            b = a.shape[0]
+            b = t.shape[0]
+        assert b is not None
+        if b < 1:
+            raise RequestError(400, "payload has no samples (batch size 0)")
+        if single and b != 1:
+            raise RequestError(400, f"send one probe per request (batch size 1), got {b}")
+        if self.max_samples is not None and b > self.max_samples:
+            raise RequestError(400, f"at most {self.max_samples} samples per request on this runner, got {b}")
+        inputs = {}
+        for name, (_, _, low, high) in self.spec.items():
+            try:
+                a = inputs[name] = tensors[name].decode()
+            except WireError as exc:
+                raise RequestError(400, f"malformed payload: {exc}") from None
             if a.dtype.kind == "f":
                 if not np.isfinite(a).all():
                     raise RequestError(400, f"{method_name} payload {name!r} has NaN or infinite values")
@@ -511,14 +528,7 @@ class RecognitionService:
                 raise RequestError(400, f"{method_name} payload {name!r} has values below {low}")
             if high is not None and a.size and float(a.max()) > high + 1e-6:
                 raise RequestError(400, f"{method_name} payload {name!r} has values above {high}")
-        assert b is not None
-        if b < 1:
-            raise RequestError(400, "payload has no samples (batch size 0)")
-        if single and b != 1:
-            raise RequestError(400, f"send one probe per request (batch size 1), got {b}")
-        if self.max_samples is not None and b > self.max_samples:
-            raise RequestError(400, f"at most {self.max_samples} samples per request on this runner, got {b}")
-        return tensors, b
+        return inputs, b
 
     @staticmethod
     def _fields(body: Any, required: set[str], optional: set[str] = frozenset()) -> dict:
@@ -551,6 +561,8 @@ class RecognitionService:
             if self.draining:
                 raise RequestError(503, "draining")
             return {"status": "ok"}
+        if path == "/openapi.json":
+            return api.openapi()
         if path == "/v1/info":
             return self.info()
         if path == "/v1/identities":
@@ -673,17 +685,20 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # never logs headers (the token)
         log.info("%s %s", self.address_string(), format % args)
 
-    def do_GET(self) -> None:
-        self._dispatch("GET")
+    def __getattr__(self, name: str) -> Any:
+        # BaseHTTPRequestHandler answers a verb without a do_<VERB> method with its HTML 501 page: every verb goes
+        # to _dispatch instead, which answers the ones a route does not take with JSON 405 (and Allow), as the ASGI
+        # stack's router does.
+        if name.startswith("do_"):
+            return lambda: self._dispatch(name[3:])
+        raise AttributeError(name)
 
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """What BaseHTTPRequestHandler answers itself (a malformed request line, oversized headers, a bad HTTP
+        version), as JSON like every other error, and closing: the request's framing is unknown."""
+        self.close_connection = True
+        phrase = self.responses.get(code, ("error",))[0]
+        self._send(code, {"error": f"{phrase}: {message}" if message else phrase}, {})
 
     def _dispatch(self, verb: str) -> None:
         if not self.server.begin(self.connection):  # evicted just as its request head arrived
@@ -700,20 +715,24 @@ class _Handler(BaseHTTPRequestHandler):
             route = service.ROUTES.get(path)
             if route is None:
                 raise RequestError(404, f"no endpoint {path}; see GET /v1/info")
-            if route[0] != verb:
-                raise RequestError(405, f"{path} takes {route[0]}, not {verb}", {"Allow": route[0]})
-            if route[1] and not service.authorized(self.headers.get("Authorization")):
+            # HEAD is GET without the answer's body (_send), as on the ASGI stack
+            if verb not in (route.verb, "HEAD" if route.verb == "GET" else route.verb):
+                allow = "GET, HEAD" if route.verb == "GET" else route.verb
+                raise RequestError(405, f"{path} takes {route.verb}, not {verb[:32]}", {"Allow": allow})
+            if route.auth and not service.authorized(self.headers.get("Authorization")):
                 raise RequestError(401, "missing or wrong access token (Authorization: Bearer TOKEN)",
                                    {"WWW-Authenticate": 'Bearer realm="ppfr"'})  # fmt: skip
-            if route[1]:
+            if route.auth:
                 self.state.authed = True  # from now on this connection is never evicted
             body = self._read_body() if verb == "POST" else None
             status, answer, headers = 200, service.handle(path, body), {}
         except RequestError as exc:
             status, answer, headers = exc.status, {"error": exc.message}, exc.headers
-        except Exception as exc:  # a bug: answer 500 rather than drop the connection
-            log.exception("unhandled error on %s", self.path)
-            status, answer, headers = 500, {"error": f"internal error: {type(exc).__name__}"}, {}
+        except Exception as exc:
+            err = internal_error(exc, urlsplit(self.path).path)
+            status, answer, headers = err.status, {"error": err.message}, err.headers
+        if headers.get("Connection") == "close":
+            self.close_connection = True
         # Body bytes may still be on their way: a known count (_unread > 0) of a request refused before its body was
         # read, or an unknown one (_unread None: no usable length, or a read that timed out).
         pending = self._unread is None or self._unread > 0
@@ -802,22 +821,25 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             self.send_header("Cache-Control", "no-store")
             for k, v in headers.items():
-                self.send_header(k, v)
+                if k.lower() != "connection":  # from close_connection below, once
+                    self.send_header(k, v)
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":  # (command is None when the request line itself was refused)
+                self.wfile.write(data)
         except OSError:  # the client went away (or stopped reading, or was evicted): nothing to answer
             self.close_connection = True
 
 
 class DecodedPayload(tuple):
-    """(method, schema_version, {name: array}) of a binary wire message, decoded by ``RecognitionService.parse_body``
-    (a tuple subclass, so that it is told apart from a JSON wire object)."""
+    """(method, schema_version, {name: DeclaredTensor}) of a binary wire message, read by
+    ``RecognitionService.parse_body`` and decoded by ``check_payload`` once its spec matches (a tuple subclass, so
+    that it is told apart from a JSON wire object)."""
 
     __slots__ = ()
 
-    def __new__(cls, method: str, version: int, tensors: dict[str, np.ndarray]) -> DecodedPayload:
+    def __new__(cls, method: str, version: int, tensors: dict[str, wire.DeclaredTensor]) -> DecodedPayload:
         return super().__new__(cls, (method, version, tensors))
 
 
@@ -1184,9 +1206,3 @@ def _serve_asgi(args: Any, runner: Any, token: str, config: ServeConfig) -> int:
     sock.close()
     print("ppfr serve: stopped", flush=True)
     return 0
-
-
-def register(sub) -> None:
-    from ppfr.cli import add_delegating_verb
-
-    add_delegating_verb(sub, "serve", "serve a method over HTTP: enrol / verify / identify protected payloads", main)

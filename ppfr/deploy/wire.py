@@ -35,14 +35,19 @@ Encodings of a tensor of a floating dtype (a non-float tensor is always ``raw``)
 ``decode_message`` checks everything a peer controls before allocating anything proportional to it: the magic, the
 header size against the limit, the header's types, keys, dtype names, ranks and dimensions, that each tensor's
 ``nbytes`` is what its dtype and shape need and that the tensors tile the data exactly; only then are the bytes
-viewed (one copy per tensor, into the decoded dtype).
+viewed (one copy per tensor, into the decoded dtype). ``read_message`` stops one step earlier: it returns each
+tensor's checked name, dtype and shape (``DeclaredTensor``) with its bytes still undecoded, so that a server compares
+them with its method's spec before it allocates anything (a tensor declared float64 and sent as int8 would otherwise
+decode to 8x its bytes before being refused). ``check_declared`` is the one check of a peer-declared name, dtype and
+shape, shared with the JSON codec of ``ppfr.deploy.client``; every malformed input raises ``WireError``, nothing else.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -54,6 +59,10 @@ CONTENT_TYPE = "application/x-ppfr"
 MAX_HEADER_BYTES = 1 << 20  # 1 MiB: room for per-sample, per-channel int8 scales of a 16-face enrolment
 MAX_RANK = 8
 MAX_TENSORS = 64
+# Elements of one tensor, its zero dimensions counted as 1 (see check_declared): 2 Gi, far above any payload a
+# request can carry (the server's body limit refuses those first), far below what makes numpy's size arithmetic fail.
+MAX_ELEMENTS = 1 << 31
+MAX_NAME = 64
 ENCODINGS = ("raw", "float16", "int8")
 _PREFIX = struct.Struct("<4sI")
 
@@ -71,6 +80,67 @@ MAX_SCALES = 1 << 15  # int8 scale / zero entries per tensor (msgpack lists are 
 
 class WireError(ValueError):
     """A message that does not follow the wire format (the message says what is wrong)."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _short(v: Any, n: int = 80) -> str:
+    """repr(v), cut: an error message quotes what the peer sent without echoing a megabyte of it."""
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+def check_declared(name: Any, dtype: Any, shape: Any, where: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    """The one check of a tensor's peer-declared name, dtype and shape, for both codecs (binary and JSON) -> (its
+    little-endian wire dtype, its shape, its element count); WireError naming ``where`` otherwise.
+
+    Every size is checked before any arithmetic and the arithmetic is in Python ints: each dimension, then the
+    product of the dimensions with zeros counted as 1, is at most MAX_ELEMENTS. Counting zeros as 1 is what makes
+    the check sufficient: [0, 2**31-1, 2**31-1, 2**31-1] holds no element, yet numpy refuses to reshape to it
+    ("array is too big": it multiplies the other dimensions), so a bound on the element count alone lets it through.
+    """
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME:
+        raise WireError(f"{where}: name must be a non-empty string of at most {MAX_NAME} characters")
+    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
+        raise WireError(f"{where}: dtype must be one of {sorted(WIRE_DTYPES)}, got {_short(dtype)}")
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_RANK
+            or not all(_is_int(d) and 0 <= d <= MAX_ELEMENTS for d in shape)):  # fmt: skip
+        raise WireError(f"{where}: shape must be a list of 1..{MAX_RANK} integers in 0..{MAX_ELEMENTS}, "
+                        f"got {_short(shape)}")  # fmt: skip
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise WireError(f"{where}: shape {shape} declares more than {MAX_ELEMENTS} elements (zero dimensions "
+                        f"counted as 1)")  # fmt: skip
+    return WIRE_DTYPES[dtype], tuple(shape), math.prod(shape)
+
+
+@dataclass(frozen=True)
+class DeclaredTensor:
+    """A tensor whose header a codec has checked (name, dtype, shape, and that its bytes are exactly what those
+    need) but whose bytes are not decoded yet: a server compares ``dtype`` and ``shape`` with its spec first, then
+    calls ``decode()`` (WireError if the bytes themselves are malformed, e.g. a bool byte of 2)."""
+
+    name: str
+    dtype: np.dtype  # the decoded array's dtype (native byte order)
+    shape: tuple[int, ...]
+    _decode: Callable[[], np.ndarray]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def decode(self) -> np.ndarray:
+        return self._decode()
+
+
+def array_from_bytes(raw: bytes | memoryview, dtype: np.dtype, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """Raw little-endian bytes of a checked ``dtype`` / ``shape`` (``len(raw)`` already matched) -> a writable array
+    in native byte order; the byte-level check both codecs share (a bool byte must be 0 or 1)."""
+    if dtype.kind == "b" and bytes(raw).strip(b"\x00\x01"):
+        raise WireError(f"{where}: bool bytes must be 0 or 1")
+    # copy=True: a writable array that does not pin the request body (torch.from_numpy refuses read-only ones)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=True)
 
 
 # ------------------------------------------------------------------------------------------------ encode
@@ -170,10 +240,6 @@ def encode_payload_message(payload: Any, fields: dict[str, Any] | None = None, e
 
 
 # ------------------------------------------------------------------------------------------------ decode
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _keys(obj: Any, required: set[str], optional: set[str], where: str) -> dict:
     if not isinstance(obj, dict):
         raise WireError(f"{where} must be a map, got {type(obj).__name__}")
@@ -203,27 +269,22 @@ def _check_entry(t: Any, i: int) -> tuple[dict, int]:
         raise WireError(f"{where}: encoding must be one of {ENCODINGS}, got {enc!r}")
     _keys(t, _TENSOR_KEYS | (_INT8_KEYS if enc == "int8" else set()), _INT8_OPTIONAL if enc == "int8" else set(),
           where)  # fmt: skip
-    name, dtype, shape = t["name"], t["dtype"], t["shape"]
-    if not isinstance(name, str) or not name or len(name) > 64:
-        raise WireError(f"{where}: name must be a non-empty string of at most 64 characters")
-    where = f"tensor {name!r}"
-    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
-        raise WireError(f"{where}: dtype must be one of {sorted(WIRE_DTYPES)}, got {dtype!r}")
-    if (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_RANK
-            or not all(_is_int(d) and 0 <= d < 2**31 for d in shape)):  # fmt: skip
-        raise WireError(f"{where}: shape must be a list of 1..{MAX_RANK} non-negative integers, got {shape!r}")
-    if enc != "raw" and WIRE_DTYPES[dtype].kind != "f":
+    if isinstance(t["name"], str) and 0 < len(t["name"]) <= MAX_NAME:
+        where = f"tensor {t['name']!r}"
+    dt, shape, count = check_declared(t["name"], t["dtype"], t["shape"], where)
+    dtype = t["dtype"]
+    if enc != "raw" and dt.kind != "f":
         raise WireError(f"{where}: encoding {enc} applies to floating tensors only, not {dtype}")
-    itemsize = {"raw": WIRE_DTYPES[dtype].itemsize, "float16": 2, "int8": 1}[enc]
-    need = math.prod(shape) * itemsize  # Python ints: no overflow whatever the shape claims
+    need = count * {"raw": dt.itemsize, "float16": 2, "int8": 1}[enc]  # Python ints, bounded by check_declared
     if not _is_int(t["offset"]) or not _is_int(t["nbytes"]) or t["nbytes"] != need:
-        raise WireError(f"{where}: {enc} {dtype} {shape} needs nbytes {need}, the header says {t['nbytes']!r}")
+        raise WireError(f"{where}: {enc} {dtype} {list(shape)} needs nbytes {need}, the header says "
+                        f"{_short(t['nbytes'])}")  # fmt: skip
     if enc == "int8":
         axes = t.get("axes", [])
         if (not isinstance(axes, list) or not all(_is_int(i) and 0 <= i < len(shape) for i in axes)
                 or axes != sorted(set(axes))):  # fmt: skip
             raise WireError(f"{where}: int8 axes must be increasing distinct integers in 0..{len(shape) - 1}, "
-                            f"got {axes!r}")  # fmt: skip
+                            f"got {_short(axes)}")  # fmt: skip
         n = math.prod(shape[i] for i in axes)
         if n > MAX_SCALES:
             raise WireError(f"{where}: int8 axes {axes} need {n} scales, more than {MAX_SCALES}")
@@ -236,6 +297,14 @@ def decode_message(data: bytes | bytearray | memoryview, max_header_bytes: int =
                    ) -> tuple[str, int, dict[str, np.ndarray], dict[str, Any]]:  # fmt: skip
     """One wire message -> (method, schema_version, {name: array in its decoded dtype}, fields). WireError if it
     is malformed in any way; the method's spec (names, shapes, range) is the caller's to check."""
+    method, version, tensors, fields = read_message(data, max_header_bytes)
+    return method, version, {k: t.decode() for k, t in tensors.items()}, fields
+
+
+def read_message(data: bytes | bytearray | memoryview, max_header_bytes: int = MAX_HEADER_BYTES
+                 ) -> tuple[str, int, dict[str, DeclaredTensor], dict[str, Any]]:  # fmt: skip
+    """``decode_message`` without the decoding: every check of the message's structure and sizes, and
+    {name: DeclaredTensor} whose ``decode()`` allocates (compare its dtype and shape with the spec first)."""
     view = memoryview(data)
     if len(view) < _PREFIX.size:
         raise WireError(f"message of {len(view)} bytes is shorter than the {_PREFIX.size}-byte prefix")
@@ -254,8 +323,9 @@ def decode_message(data: bytes | bytearray | memoryview, max_header_bytes: int =
     except (ValueError, TypeError, msgpack.UnpackException) as exc:  # ExtraData, FormatError, StackError, limits
         raise WireError(f"header is not valid msgpack ({type(exc).__name__}: {str(exc)[:120]})") from None
     _keys(header, _HEADER_KEYS, _HEADER_OPTIONAL, "header")
-    if header["wire"] != WIRE_VERSION:
-        raise WireError(f"wire format version {header['wire']!r} is not supported (this server reads {WIRE_VERSION})")
+    if not _is_int(header["wire"]) or header["wire"] != WIRE_VERSION:  # `true == 1` in Python: not a version
+        raise WireError(f"wire format version {_short(header['wire'])} is not supported (this server reads "
+                        f"{WIRE_VERSION})")  # fmt: skip
     method, version, fields = header["method"], header["schema_version"], header.get("fields", {})
     if not isinstance(method, str):
         raise WireError("method must be a string")
@@ -283,7 +353,10 @@ def decode_message(data: bytes | bytearray | memoryview, max_header_bytes: int =
         raise WireError(f"repeated tensor names {names}")
     out = {}
     for t in checked:
-        out[t["name"]] = _decode_tensor(t, body[t["offset"]:t["offset"] + t["nbytes"]])
+        dt = WIRE_DTYPES[t["dtype"]]
+        raw = body[t["offset"]:t["offset"] + t["nbytes"]]
+        out[t["name"]] = DeclaredTensor(t["name"], dt.newbyteorder("="), tuple(t["shape"]),
+                                        lambda t=t, raw=raw: _decode_tensor(t, raw))  # fmt: skip
     return method, version, out, dict(fields)
 
 
@@ -292,10 +365,7 @@ def _decode_tensor(t: dict, raw: memoryview) -> np.ndarray:
     dt, shape, enc = WIRE_DTYPES[t["dtype"]], t["shape"], t["encoding"]
     native = dt.newbyteorder("=")
     if enc == "raw":
-        if dt.kind == "b" and bytes(raw).strip(b"\x00\x01"):
-            raise WireError(f"tensor {t['name']!r}: bool bytes must be 0 or 1")
-        # copy=True: a writable array that does not pin the request body (torch.from_numpy refuses read-only ones)
-        return np.frombuffer(raw, dtype=dt).reshape(shape).astype(native, copy=True)
+        return array_from_bytes(raw, dt, tuple(shape), f"tensor {t['name']!r}")
     if enc == "float16":
         return np.frombuffer(raw, dtype="<f2").reshape(shape).astype(native)
     q = np.frombuffer(raw, dtype=np.int8).reshape(shape)
