@@ -1,4 +1,5 @@
-"""``python -m ppfr.info``: versions, devices, and which backend of which op works here.
+"""``ppfr info`` (``python -m ppfr.info``): versions, devices, installed extras, and which backend of which op works
+here.
 
 Each backend is not just looked up but run once on a tiny input and compared with the reference, so
 "ok" means it computed the right answer on this machine.
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from ppfr import __version__, _backend, _ext
+from ppfr import __version__, _backend, _ext, _extras
 
 _PACKAGES = ("torch", "triton", "numpy", "onnx", "onnxruntime", "nvidia-dali-cuda130", "nvidia-dali-cuda120",
              "tensorrt", "pybind11")  # fmt: skip
@@ -54,6 +55,7 @@ def collect() -> dict:
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "threads": torch.get_num_threads(),
         "env": {k: os.environ.get(k) for k in ("PPFR_BACKEND", "TRITON_INTERPRET", "OMP_NUM_THREADS")},
+        "extras": _extras.status(),
         "extensions": {},
         "gpu_backends": _backend.gpu_status(),
         "ops": {},
@@ -91,9 +93,13 @@ def collect() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="ppfr info", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
     rep = collect()
-    if "--json" in argv:
+    if args.json:
         print(json.dumps(rep, indent=2))
         return 0
     print(f"ppfr {rep['ppfr']}  python {rep['python']}  {rep['platform']}")
@@ -102,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print("not installed: " + ", ".join(missing))
     print(f"torch CUDA build: {rep['torch_cuda']}  CUDA available: {rep['cuda_available']} {rep['cuda_devices']}")
+    present = [e for e, missing in rep["extras"].items() if not missing]
+    print("extras installed: " + (", ".join(present) or "none"))
+    for extra, missing in rep["extras"].items():
+        if missing:
+            print(f"extra {extra} missing ({', '.join(missing)}): pip install 'ppfr[{extra}]'")
     print(f"threads: {rep['threads']}  env: {rep['env']}  DALI: {rep['dali']}")
     for name, status in rep["extensions"].items():
         print(f"{name}: {status}")

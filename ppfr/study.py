@@ -1074,11 +1074,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def register(sub) -> None:
-    from ppfr.cli import add_delegating_verb
-
-    add_delegating_verb(sub, "study", "train, evaluate and attack every method on one dataset; write a report", main)
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,6 +17,7 @@ import torch
 import ppfr
 import ppfr.cli
 from ppfr._backend import BackendUnavailableError
+from ppfr.data.synthetic import synthetic_faces
 from ppfr.deploy import meta
 from ppfr.deploy.export import (
     ExportError, check_parity, export_mode, export_onnx, graph_io, load_source, random_inputs, read_onnx_metadata,
@@ -143,7 +144,7 @@ def test_client_onnx_parity(exported, name):
     runner = load_client_runner(path)
     x = sample_inputs(m, "client", 2, seed=5)
     got = runner.run(_np(x))
-    images = ppfr.cli._synthetic_faces(2, seed=5)
+    images = synthetic_faces(2, seed=5)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         payload = m.protect(images, generator=g).tensors

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from ppfr.cli import _synthetic_faces
+from ppfr.data.synthetic import synthetic_faces
 from ppfr.study import StudyConfig, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _dataset(tmp: Path, ids: int = 4, per_id: int = 4) -> tuple[Path, Path]:
-    faces = _synthetic_faces(ids * per_id, seed=1)
+    faces = synthetic_faces(ids * per_id, seed=1)
     root = tmp / "faces"
     for i in range(ids):
         (root / f"id{i}").mkdir(parents=True)

@@ -16,10 +16,10 @@ from pathlib import Path
 EXIT_REFUSED = 2
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``data`` verb and its subcommands to ``ppfr``'s parser."""
-    p = subparsers.add_parser("data", help="inspect, pack and pair face datasets")
-    sub = p.add_subparsers(dest="data_cmd", required=True)
+def main(argv: list[str] | None = None) -> int:
+    """``ppfr data inspect | pack | pairs``; the exit status of the subcommand."""
+    ap = argparse.ArgumentParser(prog="ppfr data", description="inspect, pack and pair face datasets")
+    sub = ap.add_subparsers(dest="data_cmd", required=True)
 
     q = sub.add_parser("inspect", help="identities, images and bad samples of any supported source")
     q.add_argument("path", help="folder, .rec/.idx, .tfrecord, TFace index, .bin, pair list, or 'synthetic'")
@@ -48,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--format", default="folds", choices=["folds", "lfw"],
                    help="'fold same path_a path_b' lines, or LFW pairs.txt")  # fmt: skip
     q.set_defaults(func=cmd_pairs)
+    args = ap.parse_args(argv)
+    return args.func(args)
 
 
 def _refused(exc: Exception) -> int:
@@ -129,3 +131,7 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     if res.bad:
         print(f"  skipped {len(res.bad)} bad image(s)")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

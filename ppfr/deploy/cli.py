@@ -120,9 +120,3 @@ def _run(args: argparse.Namespace, out: Path, tmp: Path) -> int:
         print(f"ppfr export: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def register(sub) -> None:
-    from ppfr.cli import add_delegating_verb
-
-    add_delegating_verb(sub, "export", "export a model to ONNX / TensorRT / Triton", main)

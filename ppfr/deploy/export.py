@@ -209,10 +209,10 @@ def random_inputs(spec: dict[str, TensorSpec], batch: int, seed: int = 0,
 
 def sample_inputs(method: Method, part: str, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Realistic graph inputs: the method's own client pipeline on synthetic faces (payloads for ``server``)."""
-    from ppfr.cli import _synthetic_faces
+    from ppfr.data.synthetic import synthetic_faces
 
     dev = next(method.parameters()).device
-    images = _synthetic_faces(batch, size=method.options.image_size, seed=seed).to(dev)
+    images = synthetic_faces(batch, size=method.options.image_size, seed=seed).to(dev)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         if part == "server":

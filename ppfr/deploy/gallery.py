@@ -534,13 +534,6 @@ def _import_into(g: GalleryLike, names: list[str], labels: np.ndarray, emb: np.n
         g.enrol_many([(n, emb[starts[i]: starts[i + 1]]) for i, n in enumerate(names)])
 
 
-def register(sub: Any) -> None:
-    """Add the ``ppfr gallery ...`` verb to the top-level CLI's subparsers (parsed by :func:`main`)."""
-    from ppfr.cli import add_delegating_verb
-
-    add_delegating_verb(sub, "gallery", "gallery maintenance: import a gallery.npz into sqlite / qdrant", main)
-
-
 def main(argv: list[str] | None = None) -> int:
     """``ppfr gallery import SRC DST`` (or ``python -m ppfr.deploy.gallery import ...``): import a gallery.npz;
     exit 0, or 2 with a one-line error."""

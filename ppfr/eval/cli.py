@@ -437,13 +437,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
 
 
-def register(sub) -> None:
-    p = sub.add_parser("eval", help="verification / template evaluation of a trained model or the face-api judge",
-                       description=__doc__.split("\n\n")[0])  # fmt: skip
-    add_arguments(p)
-    p.set_defaults(func=cmd_eval)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ppfr eval", description=__doc__.split("\n\n")[0])
     add_arguments(ap)

@@ -596,9 +596,3 @@ def _resolve_config(args, load_config, load_run_config) -> TrainConfig | None:
     if found and int(os.environ.get("RANK", "0")) == 0:
         clear_run(cfg.run_dir)
     return cfg
-
-
-def register(sub) -> None:
-    from ppfr.cli import add_delegating_verb
-
-    add_delegating_verb(sub, "train", "train a method from a YAML config (see configs/)", main)

@@ -334,12 +334,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def register(sub) -> None:
-    """Add the ``attack`` verb to ``ppfr``'s parser (parsed by :func:`main`, so ``ppfr attack -h`` is complete)."""
-    from ppfr.cli import add_delegating_verb
-
-    add_delegating_verb(sub, "attack", "privacy attacks on a method's payload: inversion, linkage, recovery", main)
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,5 @@
-"""``ppfr <verb>``: thin argument parsing over the library.
-
-Verbs: ``info`` (what works here) and ``demo`` (the frequency-domain client transforms of the three Tencent
-methods on a batch of faces, timed per backend, with a picture).
-"""
+"""``ppfr demo``: the frequency-domain client transforms of the three Tencent methods on a batch of faces, timed
+per backend, with a picture."""
 
 from __future__ import annotations
 
@@ -13,22 +10,7 @@ from pathlib import Path
 
 import torch
 
-
-def _synthetic_faces(n: int, size: int = 112, seed: int = 0) -> torch.Tensor:
-    """(n, 3, size, size) smooth face-like images in [-1, 1]: a skin-toned ellipse, eyes, mouth, noise."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    imgs = []
-    for _ in range(n):
-        r = torch.rand(6, generator=g)
-        face = ((xx / (0.62 + 0.1 * r[0])) ** 2 + (yy / (0.8 + 0.1 * r[1])) ** 2 < 1).float()
-        eyes = sum(torch.exp(-((xx - s * (0.3 + 0.05 * r[2])) ** 2 + (yy + 0.2) ** 2) / 0.005) for s in (-1, 1))
-        mouth = torch.exp(-((xx / 0.25) ** 2 + ((yy - 0.45 - 0.05 * r[3]) / 0.05) ** 2))
-        tone = torch.tensor([0.85, 0.65, 0.55]) * (0.8 + 0.4 * r[4])
-        img = face[None] * tone[:, None, None] - 0.6 * eyes[None] - 0.4 * mouth[None] * torch.tensor([0.2, 1, 1])[:, None, None]
-        img = img + 0.15 * (1 - face[None]) * r[5] + 0.02 * torch.randn(3, size, size, generator=g)
-        imgs.append(img.clamp(0, 1) * 2 - 1)
-    return torch.stack(imgs)
+from ppfr.data.synthetic import synthetic_faces
 
 
 def _load_folder(root: Path, n: int, size: int = 112) -> torch.Tensor:
@@ -83,7 +65,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ppfr import _backend
     from ppfr.ops import freq
 
-    x = _load_folder(Path(args.data), args.batch) if args.data else _synthetic_faces(args.batch, seed=args.seed)
+    x = _load_folder(Path(args.data), args.batch) if args.data else synthetic_faces(args.batch, seed=args.seed)
     b = x.shape[0]
     src = args.data or "synthetic faces"
     print(f"ppfr demo: {b} images of {tuple(x.shape[1:])} from {src}; torch threads {torch.get_num_threads()}")
@@ -135,56 +117,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from ppfr import info
-
-    return info.main(["--json"] if args.json else [])
-
-
-# Verbs that live with their layer: each module has ``register(subparsers)`` adding its parser(s) with
-# ``set_defaults(func=...)``. Imported lazily by ``main`` so ``ppfr info`` never pays for them.
-def add_delegating_verb(sub, name: str, help: str, main) -> None:
-    """Register ``ppfr <name>`` as a verb that parses its own arguments with ``main(argv) -> int``.
-
-    The verb's whole argument list is collected as an argparse.REMAINDER named ``<name>_args`` (see ``main`` below
-    for the leading-option case), so ``ppfr <name> -h`` prints the verb's own complete help.
-    """
-    p = sub.add_parser(name, help=help, add_help=False)
-    p.add_argument(f"{name}_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda a: main(getattr(a, f"{name}_args")))
-
-
-VERB_MODULES: tuple[str, ...] = ("ppfr.data.cli", "ppfr.train.trainer", "ppfr.eval.cli", "ppfr.deploy.cli",
-                                 "ppfr.deploy.serve", "ppfr.deploy.client", "ppfr.deploy.gallery", "ppfr.study",
-                                 "ppfr.eval.attacks.cli")
-
-
 def main(argv: list[str] | None = None) -> int:
-    import importlib
-
-    ap = argparse.ArgumentParser(prog="ppfr", description="privacy-preserving face recognition toolkit")
-    sub = ap.add_subparsers(dest="verb", required=True)
-    for mod in VERB_MODULES:
-        importlib.import_module(mod).register(sub)
-    p = sub.add_parser("info", help="versions, devices and which backend of which op works here")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_info)
-    p = sub.add_parser("demo", help="run the frequency-domain client transforms on a batch of faces")
-    p.add_argument("--data", default=None, help="an image folder (default: embedded synthetic faces)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton", "cuda"])
-    p.add_argument("--out", default="runs/demo")
-    p.set_defaults(func=cmd_demo)
-    # Verbs that parse their own arguments take them as an argparse.REMAINDER named ``<verb>_args``. REMAINDER
-    # does not capture an option in first position (``ppfr train -h``), so leftovers are handed to that verb.
-    args, extra = ap.parse_known_args(argv)
-    if extra:
-        key = f"{args.verb}_args"
-        if not isinstance(getattr(args, key, None), list):
-            ap.error(f"unrecognized arguments: {' '.join(extra)}")
-        setattr(args, key, extra + getattr(args, key))
-    return args.func(args)
+    ap = argparse.ArgumentParser(prog="ppfr demo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=None, help="an image folder (default: embedded synthetic faces)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton", "cuda"])
+    ap.add_argument("--out", default="runs/demo")
+    return cmd_demo(ap.parse_args(argv))
 
 
 if __name__ == "__main__":
