@@ -19,9 +19,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ppfr.data._common import DataFormatError
+from ppfr.data._common import DataFormatError, read_text
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# Fold ids become int64 arrays and one evaluation round each: bounded like labels (a fold of 10**20 was an
+# OverflowError). LFW's protocol has 10; identity-disjoint lists from ``ppfr data pairs`` have ``--folds``.
+MAX_FOLD = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -84,12 +87,15 @@ def read_pairs(path: str | Path, image_root: str | Path | None = None) -> list[P
         DataFormatError: unknown format, malformed line, or a missing image (named with its line).
     """
     path = Path(path)
-    lines = path.read_text().splitlines()
+    lines = read_text(path, "pair list").splitlines()
     kind = sniff_pairs(lines[:5])
-    if kind == "lfw":
-        return _read_lfw(path, lines, image_root)
-    if kind == "folds":
-        return _read_folds(path, lines, image_root)
+    try:
+        if kind == "lfw":
+            return _read_lfw(path, lines, image_root)
+        if kind == "folds":
+            return _read_folds(path, lines, image_root)
+    except OSError as exc:  # a name too long for the file system, an unreadable identity folder
+        raise DataFormatError(f"{path}: cannot resolve its images ({exc.strerror or exc}: {exc.filename})") from None
     raise DataFormatError(f"{path}: not a pair list (expected LFW pairs.txt or 'fold same path_a path_b' lines)")
 
 
@@ -97,6 +103,9 @@ def _read_lfw(path: Path, lines: list[str], image_root: str | Path | None) -> li
     root = _lfw_root(path, image_root)
     numbered = [(i, ln.split()) for i, ln in enumerate(lines, 1) if ln.strip() and not ln.lstrip().startswith("#")]
     header = [int(x) for x in numbered[0][1]]
+    if not all(1 <= x <= MAX_FOLD for x in header):
+        raise DataFormatError(f"{path}:{numbered[0][0]}: the header '<folds> <pairs per class>' must hold counts "
+                              f"in [1, {MAX_FOLD}], got {' '.join(numbered[0][1])!r}")  # fmt: skip
     body = numbered[1:]
     per_fold = 2 * header[1] if len(header) == 2 else None
     cache: dict[str, list[Path]] = {}
@@ -137,11 +146,14 @@ def _read_folds(path: Path, lines: list[str], image_root: str | Path | None) -> 
         where = f"{path}:{lineno}"
         if len(f) != 4 or not _is_int(f[0]) or f[1] not in ("0", "1"):
             raise DataFormatError(f"{where}: expected 'fold same path_a path_b' with same in {{0, 1}}, got {ln!r}")
+        fold = int(f[0])
+        if not 0 <= fold < MAX_FOLD:
+            raise DataFormatError(f"{where}: fold {fold} outside [0, {MAX_FOLD})")
         a, b = root / f[2], root / f[3]
         for p in (a, b):
             if not p.is_file():
                 raise DataFormatError(f"{where}: image not found: {p}")
-        out.append(Pair(int(f[0]), f[1] == "1", a, b))
+        out.append(Pair(fold, f[1] == "1", a, b))
     return out
 
 

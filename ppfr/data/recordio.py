@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ppfr.data._common import CorruptSampleError, DataFormatError
+from ppfr.data._common import CorruptSampleError, DataFormatError, read_text
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -105,18 +105,25 @@ def decode_record(buf: bytes | memoryview | mmap.mmap, offset: int, where: str =
 
 
 def read_idx(path: str | Path) -> dict[int, int]:
-    """``.idx`` -> {key: byte offset}, in file order."""
+    """``.idx`` -> {key: byte offset}, in file order; DataFormatError for a line that is not two integers >= 0.
+
+    Keys are stored as int64 (``RecordIOSource.keys``), so one above 2**63 - 1 is refused here rather than as an
+    OverflowError there; offsets are checked against the ``.rec``'s size by :class:`RecordIOReader`.
+    """
     out: dict[int, int] = {}
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, "RecordIO index (.idx)").splitlines(), 1):
         if not line.strip():
             continue
         f = line.split()
         try:
             if len(f) != 2:
                 raise ValueError
-            out[int(f[0])] = int(f[1])
+            key, off = int(f[0]), int(f[1])
         except ValueError:
             raise DataFormatError(f"{path}:{lineno}: a RecordIO index line is 'key<TAB>offset', got {line!r}") from None
+        if not 0 <= key < 1 << 63 or off < 0:
+            raise DataFormatError(f"{path}:{lineno}: key must lie in [0, 2**63) and offset be >= 0, got {line!r}")
+        out[key] = off
     return out
 
 
@@ -192,6 +199,12 @@ class RecordIOReader:
         self.offsets = read_idx(self.idx)
         if not self.offsets:
             raise DataFormatError(f"{self.idx}: empty RecordIO index")
+        size = self.rec.stat().st_size
+        past = [(k, o) for k, o in self.offsets.items() if o + 8 > size]  # a record header is 8 bytes
+        if past:  # (an mmap of an empty file is refused too: size 0 puts every offset here)
+            k, o = past[0]
+            raise DataFormatError(f"{self.idx}: {len(past)} offset(s) point past the end of {self.rec} ({size} bytes), "
+                                  f"e.g. key {k} at byte {o}: truncated pack, or the .idx of another one")  # fmt: skip
         self._mm: mmap.mmap | None = None
         self._pid = -1
         self.header0: IRHeader | None = None
@@ -204,8 +217,10 @@ class RecordIOReader:
             h = unpack_irheader(rec0)[0] if len(rec0) >= IR_SIZE else None
             if h is not None and h.flag >= 2 and len(rec0) == IR_SIZE + 4 * h.flag:  # a header record, no image
                 self.header0 = h
-                end = int(h.label[0])  # type: ignore[index]
+                end = h.label[0]  # type: ignore[index]  # a float32: compared as one (NaN/inf then select nothing/all)
                 keys = [k for k in keys if 1 <= k < end]
+        if not keys:
+            raise DataFormatError(f"{self.rec}: no image records (header record 0 declares none)")
         self.image_keys = keys
 
     def _buf(self) -> mmap.mmap:

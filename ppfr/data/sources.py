@@ -32,7 +32,7 @@ from typing import Literal
 import numpy as np
 
 from ppfr.data import binset, image, pairs, recordio, tfrecord
-from ppfr.data._common import CorruptDataWarning, CorruptSampleError, DataFormatError
+from ppfr.data._common import CorruptDataWarning, CorruptSampleError, DataFormatError, check_label, read_text
 
 Verify = Literal["none", "header", "decode"]
 VERIFY_LEVELS = ("none", "header", "decode")
@@ -66,8 +66,7 @@ class Source:
 
     def info(self) -> dict:
         """Facts for ``ppfr data inspect``."""
-        counts = np.bincount(self.labels, minlength=self.num_classes) if len(self) else np.zeros(0, np.int64)
-        present = counts[counts > 0]
+        present = np.unique(self.labels, return_counts=True)[1]  # memory ~ samples, not ~ the largest label
         d = {"kind": self.kind, "path": str(self.path), "samples": len(self), "identities": int(present.size)}
         if present.size:
             d["images_per_identity"] = {
@@ -90,6 +89,8 @@ class _FileListSource(Source):
             return self.files[i].read_bytes()
         except OSError as exc:
             raise CorruptSampleError(f"unreadable ({exc.strerror})") from None
+        except ValueError:  # an index line's path with a NUL byte in it
+            raise CorruptSampleError("unreadable (not a valid file name)") from None
 
     def name(self, i: int) -> str:
         return str(self.files[i])
@@ -114,18 +115,21 @@ class FolderSource(_FileListSource):
         self.path = Path(root)
         if not self.path.is_dir():
             raise DataFormatError(f"image folder not found: {self.path}")
-        ids = sorted(d.name for d in self.path.iterdir() if d.is_dir() and not d.name.startswith("."))
         files: list[Path] = []
         labels: list[int] = []
         self.identities: list[str] = []
-        for name in ids:
-            members = sorted(p for p in (self.path / name).iterdir() if p.is_file())
-            if not members:
-                continue
-            label = len(self.identities)
-            self.identities.append(name)
-            files += members
-            labels += [label] * len(members)
+        try:
+            ids = sorted(d.name for d in self.path.iterdir() if d.is_dir() and not d.name.startswith("."))
+            for name in ids:
+                members = sorted(p for p in (self.path / name).iterdir() if p.is_file())
+                if not members:
+                    continue
+                label = len(self.identities)
+                self.identities.append(name)
+                files += members
+                labels += [label] * len(members)
+        except OSError as exc:  # an unreadable identity folder (permissions, a vanished mount)
+            raise DataFormatError(f"{self.path}: cannot list the image folder ({exc})") from None
         if not files:
             raise DataFormatError(f"{self.path}: no identity folders with files (expected root/<identity>/*.jpg)")
         self.files = files
@@ -138,7 +142,9 @@ class FolderSource(_FileListSource):
 
 # ------------------------------------------------------------------------------------ TFace index files
 def _text_lines(path: Path) -> list[tuple[int, str]]:
-    return [(n, ln) for n, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip() and not ln.startswith("#")]
+    """(line number, line) of the meaningful lines of an index (no blanks, no ``#`` comments)."""
+    text = read_text(path, "TFace index")
+    return [(n, ln) for n, ln in enumerate(text.splitlines(), 1) if ln.strip() and not ln.startswith("#")]
 
 
 class IndexListSource(_FileListSource):
@@ -155,17 +161,15 @@ class IndexListSource(_FileListSource):
             if len(f) != 2:
                 raise DataFormatError(f"{self.path}:{lineno}: a 2-field index line is 'path<TAB>label', got {ln!r}")
             try:
-                labels.append(int(f[1]))
+                label = int(f[1])
             except ValueError:
                 raise DataFormatError(f"{self.path}:{lineno}: label must be an integer, got {f[1]!r}") from None
+            labels.append(check_label(label, f"{self.path}:{lineno}"))
             files.append(self.data_root / f[0])
         if not files:
             raise DataFormatError(f"{self.path}: empty index")
         self.files = files
         self.labels = np.asarray(labels, dtype=np.int64)
-        if self.labels.min() < 0:
-            raise DataFormatError(f"{self.path}: negative label {int(self.labels.min())}")
-
 
 
 class _FileHandles:
@@ -175,12 +179,16 @@ class _FileHandles:
         self._pid = -1
         self._open: dict[Path, object] = {}
 
-    def get(self, path: Path):
+    def get(self, path: Path, where: str = ""):
+        """The open file; CorruptSampleError (for sample ``where``) if it cannot be opened any more."""
         if self._pid != os.getpid():
             self._open, self._pid = {}, os.getpid()
         f = self._open.get(path)
         if f is None:
-            f = self._open[path] = open(path, "rb")
+            try:
+                f = self._open[path] = open(path, "rb")
+            except OSError as exc:
+                raise CorruptSampleError(f"{where or path}: unreadable ({exc.strerror or exc})") from None
         return f
 
     def __getstate__(self) -> dict:
@@ -196,13 +204,23 @@ class TFRecordIndexSource(Source):
         self.path = Path(path)
         self.data_root = Path(data_root) if data_root is not None else self.path.parent
         self.check_crc = check_crc
-        entries = [tfrecord.parse_index_line(ln, n, self.path) for n, ln in _text_lines(self.path)]
+        lines = _text_lines(self.path)
+        entries = [tfrecord.parse_index_line(ln, n, self.path) for n, ln in lines]
         if not entries:
             raise DataFormatError(f"{self.path}: empty index")
         self.shards = [tfrecord.shard_path(self.data_root, name, sh) for name, sh, _, _ in entries]
+        sizes: dict[Path, int] = {}
         for p in sorted(set(self.shards)):
-            if not p.is_file():
+            try:
+                sizes[p] = p.stat().st_size if p.is_file() else -1
+            except OSError:  # a name too long for the file system, a shard in an unreadable folder
+                sizes[p] = -1
+            if sizes[p] < 0:
                 raise DataFormatError(f"{self.path}: TFRecord shard not found: {p}")
+        for (lineno, _), sh, (_, _, off, _) in zip(lines, self.shards, entries):
+            if off + 16 > sizes[sh]:  # a record is at least its 16 framing bytes
+                raise DataFormatError(f"{self.path}:{lineno}: offset {off} lies past the end of {sh} ({sizes[sh]} "
+                                      "bytes): a truncated shard, or the index of another pack")  # fmt: skip
         self.offsets = np.asarray([e[2] for e in entries], dtype=np.int64)
         self.labels = np.asarray([e[3] for e in entries], dtype=np.int64)
         self._files = _FileHandles()
@@ -210,7 +228,7 @@ class TFRecordIndexSource(Source):
     def read(self, i: int) -> bytes:
         where = f"{self.shards[i]}@{self.offsets[i]}"
         payload = tfrecord.read_record(
-            self._files.get(self.shards[i]), int(self.offsets[i]), check_crc=self.check_crc, where=where
+            self._files.get(self.shards[i], where), int(self.offsets[i]), check_crc=self.check_crc, where=where
         )
         return tfrecord.example_image(payload, where=where)
 
@@ -259,9 +277,11 @@ class TFRecordFileSource(Source):
                 if not lab:
                     raise DataFormatError(f"{self.path}@{off}: record without a 'label' feature (use a TFace index)")
                 offsets.append(off)
-                labels.append(int(lab[0]))
+                labels.append(check_label(lab[0], f"{self.path}@{off}"))  # a BytesList 'label' is refused there too
         except CorruptSampleError as exc:
             raise DataFormatError(f"{self.path}: not a readable TFRecord file ({exc})") from None
+        except OSError as exc:
+            raise DataFormatError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
         if not offsets:
             raise DataFormatError(f"{self.path}: no records")
         self.offsets = np.asarray(offsets, dtype=np.int64)
@@ -271,7 +291,7 @@ class TFRecordFileSource(Source):
     def read(self, i: int) -> bytes:
         where = f"{self.path}@{self.offsets[i]}"
         payload = tfrecord.read_record(
-            self._files.get(self.path), int(self.offsets[i]), check_crc=self.check_crc, where=where
+            self._files.get(self.path, where), int(self.offsets[i]), check_crc=self.check_crc, where=where
         )
         return tfrecord.example_image(payload, where=where)
 
@@ -294,17 +314,22 @@ class RecordIOSource(Source):
         self.labels = np.asarray([self._label(int(k)) for k in self.keys], dtype=np.int64)
 
     def _label(self, key: int) -> int:
+        where = f"{self.path} key {key}"
         buf = self.reader._buf()
-        off = self.reader.offsets[key]
+        off = self.reader.offsets[key]  # the reader checked off + 8 <= file size
         magic, lrec = struct.unpack_from("<II", buf, off)
-        if magic == recordio.MAGIC and lrec >> 29 == 0 and (lrec & ((1 << 29) - 1)) >= recordio.IR_SIZE + 4:
+        length = lrec & ((1 << 29) - 1)
+        if (magic == recordio.MAGIC and lrec >> 29 == 0 and length >= recordio.IR_SIZE + 4
+                and off + 8 + length <= len(buf)):  # a whole record: its header can be read in place
             flag, label = struct.unpack_from("<If", buf, off + 8)  # header only: no need to copy the image
-            return int(struct.unpack_from("<f", buf, off + 8 + recordio.IR_SIZE)[0]) if flag > 0 else int(label)
-        try:
+            if flag > 0:
+                label = struct.unpack_from("<f", buf, off + 8 + recordio.IR_SIZE)[0]
+            return check_label(label, where)
+        try:  # multi-part, truncated or garbled: the full reader says which
             _, header = self.reader.read_image(key)
         except CorruptSampleError as exc:
             raise DataFormatError(f"{self.path}: cannot read the label of key {key} ({exc})") from None
-        return int(header.label[0] if isinstance(header.label, tuple) else header.label)
+        return check_label(header.label[0] if isinstance(header.label, tuple) else header.label, where)
 
     def read(self, i: int) -> bytes:
         return self.reader.read_image(int(self.keys[i]))[0]
@@ -357,6 +382,8 @@ class PairSource(_FileListSource):
     def __init__(self, path: str | Path, image_root: str | Path | None = None) -> None:
         self.path = Path(path)
         plist = pairs.read_pairs(self.path, image_root)
+        if not plist:
+            raise DataFormatError(f"{self.path}: a pair list without pairs")
         where: dict[Path, int] = {}
         for q in plist:
             for p in (q.a, q.b):
@@ -433,6 +460,8 @@ def open_source(path: str | Path, *, data_root: str | Path | None = None, **synt
             head = [ln for ln in (f.readline() for _ in range(8)) if ln]
     except UnicodeDecodeError:
         raise DataFormatError(f"{p}: binary file of unknown format (expected .rec/.idx/.bin/.tfrecord)") from None
+    except OSError as exc:
+        raise DataFormatError(f"{p}: cannot read ({exc.strerror or exc})") from None
     kind = pairs.sniff_pairs(head)
     if kind is not None:
         return PairSource(p, data_root)

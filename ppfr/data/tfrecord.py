@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from ppfr.data._common import CorruptSampleError, DataFormatError
+from ppfr.data._common import CorruptSampleError, DataFormatError, check_label
 from ppfr.data.crc32c import masked_crc32c
 
 SHARD_SIZE = 500_000  # records per shard file, as TFace's img2tfrecord.py
@@ -56,16 +56,23 @@ def unframe(buf: bytes | memoryview, offset: int = 0, *, check_crc: bool = True,
 
 
 def read_record(f: BinaryIO, offset: int, *, check_crc: bool = True, where: str = "") -> bytes:
-    """Seek to ``offset`` in an open file and read one record's payload (the TFace 4-field index access path)."""
-    f.seek(offset)
-    head = f.read(12)
-    if len(head) < 12:
-        raise CorruptSampleError(f"{where}: truncated TFRecord header at byte {offset}")
-    (length,) = struct.unpack("<Q", head[:8])
-    if length > 1 << 31:  # a garbage length would make us allocate gigabytes
-        raise CorruptSampleError(f"{where}: implausible TFRecord length {length} at byte {offset}")
-    rest = f.read(length + 4)
-    payload, _ = unframe(head + rest, 0, check_crc=check_crc, where=where)
+    """Seek to ``offset`` in an open file and read one record's payload (the TFace 4-field index access path).
+
+    Raises:
+        CorruptSampleError: as :func:`unframe`, an implausible length, or a read that fails (EIO, a vanished file).
+    """
+    try:
+        f.seek(offset)
+        head = f.read(12)
+        if len(head) < 12:
+            raise CorruptSampleError(f"{where}: truncated TFRecord header at byte {offset}")
+        (length,) = struct.unpack("<Q", head[:8])
+        if length > 1 << 31:  # a garbage length would make us allocate gigabytes
+            raise CorruptSampleError(f"{where}: implausible TFRecord length {length} at byte {offset}")
+        record = head + f.read(length + 4)
+    except OSError as exc:
+        raise CorruptSampleError(f"{where}: unreadable ({exc.strerror or exc})") from None
+    payload, _ = unframe(record, 0, check_crc=check_crc, where=where)
     return payload
 
 
@@ -223,15 +230,23 @@ def shard_path(data_root: str | Path, name: str, shard: int) -> Path:
 
 
 def parse_index_line(line: str, lineno: int, path: str | Path) -> tuple[str, int, int, int]:
+    """(name, shard, offset, label) of one index line; DataFormatError for anything out of bounds.
+
+    Bounds here are the ones a line can be checked against alone (shard and offset >= 0, the label as
+    :func:`~ppfr.data._common.check_label`); offsets against the shard's size are checked by the source that
+    opens the shards.
+    """
     f = line.split()
+    where = f"{path}:{lineno}"
     if len(f) != 4:
-        raise DataFormatError(
-            f"{path}:{lineno}: a TFRecord index line has 4 fields (name shard offset label), got {len(f)}"
-        )
+        raise DataFormatError(f"{where}: a TFRecord index line has 4 fields (name shard offset label), got {len(f)}")
     try:
-        return f[0], int(f[1]), int(f[2]), int(f[3])
+        shard, offset, label = int(f[1]), int(f[2]), int(f[3])
     except ValueError:
-        raise DataFormatError(f"{path}:{lineno}: shard, offset and label must be integers: {line.strip()!r}") from None
+        raise DataFormatError(f"{where}: shard, offset and label must be integers: {line.strip()!r}") from None
+    if shard < 0 or offset < 0:  # a negative offset reached f.seek() as an OSError
+        raise DataFormatError(f"{where}: shard and offset must be >= 0: {line.strip()!r}")
+    return f[0], shard, offset, check_label(label, where)
 
 
 def record_size(f: BinaryIO, offset: int) -> int:

@@ -109,6 +109,36 @@ def ten_fold(sims: np.ndarray, same: np.ndarray, folds: np.ndarray) -> Verificat
                               len(sims), "cosine", tuple(accs), tuple(thrs))  # fmt: skip
 
 
+def ten_fold_tar(sims: np.ndarray, same: np.ndarray, folds: np.ndarray, fmr: float) -> dict[str, float]:
+    """1:1 TAR at a false match rate with the threshold chosen on the *training* folds only.
+
+    sims (P,) similarities (higher = more alike), same (P,) bool, folds (P,) fold ids. For each fold f: the
+    threshold t_f is the one ``tar_at_fmr`` takes on the impostor scores of the other folds (the
+    ``floor(fmr * I) + 1``-th largest); the fold's TAR is the fraction of its genuine scores strictly above t_f and its
+    FMR the fraction of its impostor scores above t_f. Returns the means over folds: {"tar", "fmr" (measured on the
+    test folds), "threshold"}; a fold without genuine (impostor) pairs is left out of the TAR (FMR) mean.
+    """
+    sims, same, folds = np.asarray(sims, np.float64), np.asarray(same, bool), np.asarray(folds)
+    _check_pairs(sims, same, folds)
+    if not 0.0 <= fmr <= 1.0:
+        raise ValueError(f"fmr must be in [0, 1], got {fmr}")
+    tars, fmrs, thrs = [], [], []
+    for f in np.unique(folds):
+        test = folds == f
+        imp = np.sort(sims[~test & ~same])[::-1]
+        if imp.size == 0:
+            continue
+        k = int(np.floor(fmr * imp.size + 1e-9))  # + 1e-9: fmr * I is an integer more often than floats say
+        t = -np.inf if k >= imp.size else float(imp[k])
+        thrs.append(t)
+        if (test & same).any():
+            tars.append(float((sims[test & same] > t).mean()))
+        if (test & ~same).any():
+            fmrs.append(float((sims[test & ~same] > t).mean()))
+    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+    return {"tar": mean(tars), "fmr": mean(fmrs), "threshold": mean(thrs)}
+
+
 def ten_fold_sqdist(dists: np.ndarray, same: np.ndarray, folds: np.ndarray,
                     thresholds: np.ndarray = REFERENCE_THRESHOLDS) -> VerificationResult:  # fmt: skip
     """§7.1 exactly: dists (P,) squared L2 between normalised embeddings (in [0, 4]), same (P,) bool, folds (P,).
@@ -215,7 +245,11 @@ def open_pairs(data: str, image_root: str | None = None):
     if str(data).lower().endswith(".bin"):
         src = BinSource(data)
         p = src.set.num_pairs
-        pairs = np.stack([kfold_ids(p), src.issame.astype(np.int64), 2 * np.arange(p), 2 * np.arange(p) + 1], axis=1)
+        try:
+            folds = kfold_ids(p)
+        except ValueError as exc:  # too few pairs: the file's fault, so the data layer's one error type
+            raise DataFormatError(f"{data}: {exc} (a .bin is evaluated in 10 contiguous folds)") from None
+        pairs = np.stack([folds, src.issame.astype(np.int64), 2 * np.arange(p), 2 * np.arange(p) + 1], axis=1)
         return src, pairs.astype(np.int64)
     src = PairSource(data, image_root)
     return src, src.pairs
