@@ -229,10 +229,12 @@ def test_checkpoints_carry_a_digest_checked_on_load(tmp_path):
     assert torch.load(path, weights_only=True)["global_step"] == 1  # torch alone does not notice
     with pytest.raises(CheckpointError, match="is corrupt: its SHA-256 .* is not the one recorded"):
         safe_load(path)
-    digest_path(path).unlink()  # a checkpoint from before digests: loads, cannot be verified
-    assert verify_digest(path) is False and safe_load(path)["global_step"] == 1
-    with pytest.warns(UserWarning, match="no digest .* cannot be verified"):
-        load_latest(_legacy_run(tmp_path))
+    digest_path(path).unlink()  # without its digest, the zip CRCs still catch the flipped byte
+    assert verify_digest(path) is False
+    with pytest.raises(CheckpointError, match=r"is corrupt: BadZipFile: Bad CRC-32"):
+        safe_load(path)
+    with pytest.warns(UserWarning, match="no digest .* cannot be verified beyond its zip CRCs"):
+        load_latest(_legacy_run(tmp_path))  # an intact checkpoint from before digests: loads
 
 
 def _legacy_run(tmp_path: Path) -> Path:
@@ -272,7 +274,7 @@ def test_flipped_byte_in_newest_checkpoint_falls_back_to_previous(tmp_path):
 
 
 def test_resume_refuses_when_no_checkpoint_is_intact(tmp_path, capsys):
-    """Every checkpoint truncated: `ppfr train --resume` exits 1 with a one-line message, and the run folder is
+    """Every checkpoint truncated: `ppfr train --resume` exits 2 with a one-line message, and the run folder is
     exactly as it was (nothing deleted, overwritten or added), instead of training from scratch over it."""
     from ppfr.models.checkpoints import CheckpointError
     from ppfr.train.trainer import main as train_main
@@ -287,7 +289,7 @@ def test_resume_refuses_when_no_checkpoint_is_intact(tmp_path, capsys):
     config.write_text((cfg.run_dir / "config.yaml").read_text())
     before = _snapshot(cfg.run_dir)
     capsys.readouterr()
-    assert train_main([str(config), "--resume"]) == 1
+    assert train_main([str(config), "--resume"]) == 2
     err = capsys.readouterr().err
     print(f"\nall truncated: {err.strip()[:300]}...")
     assert err.count("\n") == 1 and err.startswith("ppfr train: no usable checkpoint in ")

@@ -15,6 +15,7 @@ partial sums that one all-reduce completes.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 import warnings
@@ -28,7 +29,9 @@ from torch import nn
 
 from ppfr.methods import Method, build_method
 from ppfr.data._common import DataFormatError
-from ppfr.models.checkpoints import CheckpointError, digest_path, remove_checkpoint, safe_load, save_checkpoint
+from ppfr.models.checkpoints import (
+    CheckpointError, check_finite, digest_path, remove_checkpoint, safe_load, save_checkpoint,
+)  # fmt: skip
 from ppfr.models.heads import ArcFaceHead, CosFaceHead, ShardedMarginHead
 from ppfr.train.config import ConfigError, StageConfig, TrainConfig
 from ppfr.train.distributed import all_reduce_grads, convert_batchnorm, train_device
@@ -49,7 +52,15 @@ def save_atomic(obj: dict, path: Path) -> None:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("step_*.pt"), key=_step)
+    """The run's ``checkpoints/step_<digits>.pt``, oldest first. Other ``step_*.pt`` names (a hand-made
+    ``step_final.pt``) are not the trainer's: ignored with a warning, never resumed from nor pruned."""
+    found, stray = [], []
+    for p in (run_dir / "checkpoints").glob("step_*.pt"):
+        (found if re.fullmatch(r"step_[0-9]+", p.stem) else stray).append(p)
+    if stray:
+        warnings.warn(f"ignoring {', '.join(sorted(p.name for p in stray))} in {run_dir / 'checkpoints'}: not a "
+                      "checkpoint name the trainer writes (step_<number>.pt)", stacklevel=2)  # fmt: skip
+    return sorted(found, key=_step)
 
 
 def _step(path: Path) -> int:
@@ -59,27 +70,31 @@ def _step(path: Path) -> int:
 def load_latest(run_dir: Path) -> tuple[dict, Path] | None:
     """The newest intact checkpoint of the run, or None if it has none.
 
-    Each candidate, newest first, must match its SHA-256 sidecar (written with it) and load with
-    ``weights_only=True`` as a ppfr training checkpoint. A corrupt newer one is skipped with a warning naming it and
-    the checkpoint used instead. If there are checkpoints but none is usable, CheckpointError: resuming from scratch
-    would silently throw the run away and then overwrite and prune its checkpoints, so nothing is touched and the
-    caller stops. A checkpoint without a sidecar (an older ppfr) loads with a warning that it cannot be verified.
+    Each candidate, newest first, must match its SHA-256 sidecar (written with it), pass its zip CRCs, and load
+    with ``weights_only=True`` as a ppfr training checkpoint. One without a sidecar (an older ppfr, or a sidecar
+    lost in a copy) must also hold only finite weights: the CRCs and that are all that vouch for it. A newer one
+    that fails is skipped with a warning naming it and the checkpoint used instead. If there are checkpoints but
+    none is usable, CheckpointError: resuming from scratch would silently throw the run away and then overwrite and
+    prune its checkpoints, so nothing is touched and the caller stops.
     """
     paths = list_checkpoints(run_dir)
     skipped: list[CheckpointError] = []
     for path in reversed(paths):
         try:
-            ckpt = safe_load(path)  # checks the digest first
+            ckpt = safe_load(path)  # checks the digest and the zip CRCs first
             if "model" not in ckpt or "global_step" not in ckpt:
                 raise CheckpointError(f"{path} is not a ppfr training checkpoint")
+            signed = digest_path(path).exists()
+            if not signed:
+                check_finite({k: ckpt[k] for k in ("model", "head") if isinstance(ckpt.get(k), dict)}, path)
         except CheckpointError as exc:
             skipped.append(exc)
             continue
         for exc in skipped:  # each message names its file
             warnings.warn(f"skipping unusable checkpoint: {exc}; resuming from {path} instead", stacklevel=2)
-        if not digest_path(path).exists():
+        if not signed:
             warnings.warn(f"checkpoint {path} has no digest ({digest_path(path).name}; written by an older ppfr): "
-                          "it cannot be verified", stacklevel=2)  # fmt: skip
+                          "it cannot be verified beyond its zip CRCs and finite weights", stacklevel=2)  # fmt: skip
         return ckpt, path
     if skipped:
         reasons = "; ".join(map(str, skipped))
@@ -560,9 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # found once building: an unknown stage, a missing data.source or init_from
         print(f"ppfr train: {exc}", file=sys.stderr)
         return 2
-    except CheckpointError as exc:  # e.g. --resume with no intact checkpoint: one line, not a traceback
+    except CheckpointError as exc:  # e.g. --resume with no intact checkpoint: one line, exit 2 as every refused file
         print(f"ppfr train: {exc}", file=sys.stderr)
-        return 1
+        return 2
     if summary.get("finished"):  # fit said so
         return 0
     for s in summary["stages"]:
