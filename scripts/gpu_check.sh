@@ -174,7 +174,7 @@ step() {
   fi
   if [ "$DRY" = 1 ] && [ "$name" != headline ] && [ "$name" != preflight ]; then
     log "$name (cap ${cap} s, dry run: not run): $*"
-    echo "{\"name\": \"$name\", \"cap_s\": $planned, \"rc\": 0, \"seconds\": 0, \"dry_run\": \"not run\", \"command\": $(jstr "$*")}" >>"$STEPS"
+    echo "{\"name\": \"$name\", \"cap_s\": $planned, \"rc\": null, \"seconds\": 0, \"dry_run\": \"not run\", \"command\": $(jstr "$*")}" >>"$STEPS"
     summary running 0
     return 0
   fi
