@@ -7,6 +7,7 @@ two handles / two processes seeing each other's changes, and ``kill -9`` in the 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -188,7 +189,7 @@ def test_npz_import(opener, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------- sqlite
-def test_folder_with_npz_is_imported_once_and_left_as_backup(tmp_path):
+def test_folder_with_npz_is_imported_once_and_left_as_backup(tmp_path, caplog):
     rng = np.random.default_rng(5)
     old = Gallery.open(tmp_path, "m", D)
     embs = {f"n{i}": _unit(rng, 2) for i in range(4)}
@@ -206,13 +207,15 @@ def test_folder_with_npz_is_imported_once_and_left_as_backup(tmp_path):
     again.close()
     assert (tmp_path / "gallery.npz").read_bytes() == npz
     assert not list(tmp_path.glob(".gallery.db.importing*"))
-    # an unusable npz is refused with the legacy reader's message, and no database is left behind
+    # an unusable npz is skipped with a warning naming it (a server still starts) and left in place untouched
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "gallery.npz").write_bytes(b"not a zip file")
-    with pytest.raises(GalleryError, match="unusable"):
-        open_gallery(bad, "m", D)
-    assert sorted(p.name for p in bad.iterdir() if not p.name.startswith(".gallery-import")) == ["gallery.npz"]
+    with caplog.at_level(logging.WARNING, logger="ppfr.deploy.gallery"):
+        with open_gallery(bad, "m", D) as empty:
+            assert len(empty) == 0
+    assert any(str(bad / "gallery.npz") in r.getMessage() and "unusable" in r.getMessage() for r in caplog.records)
+    assert (bad / "gallery.npz").read_bytes() == b"not a zip file"
     # the CLI entry point
     assert main(["import", str(tmp_path), str(tmp_path / "cli.db")]) == 0
     assert main(["import", str(tmp_path), str(tmp_path / "cli.db")]) == 2  # not into a non-empty gallery

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import threading
 import zipfile
@@ -45,6 +46,8 @@ FORMAT = "ppfr-gallery"
 FORMAT_VERSION = 1
 FILENAME = "gallery.npz"
 MAX_NAME_LEN = 256
+
+log = logging.getLogger(__name__)
 
 
 class GalleryError(RuntimeError):
@@ -331,6 +334,52 @@ def _write_atomic(path: Path, data: bytes | memoryview) -> None:
     fsync_dir(path.parent)  # make the rename itself durable
 
 
+# deflate's largest expansion is ~1032:1 (a run of one byte); a member claiming more than this is lying
+_MAX_DEFLATE_RATIO = 1032
+
+
+def _check_npz_sizes(path: Path) -> None:
+    """Check every ``.npy`` member of the zip at ``path`` against its stored size, before numpy allocates it.
+
+    ``np.load`` allocates the shape a member's header declares before it reads a byte of data: a 934-byte file
+    declaring 10**12 float32 asked for 3.64 TiB (MemoryError). So each header is read from its zip member first
+    (a few hundred bytes) and its byte count, computed in Python ints (zero dimensions included), must be what the
+    member holds after the header; that size is in turn bounded by the file's size and deflate's ratio. A stored
+    member's data is then exactly the file's bytes, and zipfile's CRC check at the member's end covers them.
+
+    Raises:
+        ValueError: a member whose declared shape, dtype, sizes or compression do not fit (caught by ``_read``).
+        zipfile.BadZipFile, OSError: not a readable zip.
+    """
+    size = path.stat().st_size
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise ValueError(f"member {info.filename!r} uses zip compression {info.compress_type} (numpy writes "
+                                 "stored or deflated members)")  # fmt: skip
+            limit = info.compress_size * (1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO)
+            if info.compress_size > size or info.file_size > limit:
+                raise ValueError(f"member {info.filename!r} declares {info.file_size} bytes from {info.compress_size} "
+                                 f"stored, in a file of {size} bytes")  # fmt: skip
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                elif version == (2, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                else:
+                    raise ValueError(f"member {info.filename!r} has .npy format {version}; galleries use 1.0/2.0")
+                header = f.tell()
+            if dtype.hasobject or any(d < 0 for d in shape):
+                raise ValueError(f"member {info.filename!r} declares {dtype} {shape}: not a plain numeric array")
+            count = 1
+            for d in shape:  # Python ints: no int64 overflow, and a zero dimension gives 0 bytes
+                count *= d
+            if header + count * dtype.itemsize != info.file_size:
+                raise ValueError(f"member {info.filename!r} declares shape {shape} of {dtype} ({count * dtype.itemsize} "
+                                 f"bytes) but holds {info.file_size - header}")  # fmt: skip
+
+
 def _read(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
     """Read and fully check a gallery file; GalleryError saying what is wrong otherwise."""
     def bad(why: str) -> GalleryError:
@@ -338,6 +387,7 @@ def _read(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
                             "to start an empty gallery (the server never overwrites an unreadable one)")  # fmt: skip
 
     try:
+        _check_npz_sizes(path)
         with np.load(path, allow_pickle=False) as z:
             if set(z.files) != {"embeddings", "labels", "meta"}:
                 raise bad(f"expected arrays embeddings, labels, meta; found {sorted(z.files)}")
@@ -349,7 +399,7 @@ def _read(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
         raise bad(f"{type(exc).__name__}: {exc}") from None
     try:
         meta = json.loads(meta_bytes.tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: [[[[...]]]]
         raise bad(f"its header is not JSON ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise bad(f"not a {FORMAT} file")
@@ -465,7 +515,8 @@ def _auto_import(db: Path) -> None:
 
     Built in a temporary file and renamed into place, under an exclusive ``flock`` (where available) so that
     two servers starting together import once; a crash mid-import leaves no database (the next start retries).
-    The ``gallery.npz`` is left in place as a backup; from then on only the database changes.
+    The ``gallery.npz`` is left in place as a backup; from then on only the database changes. An unusable
+    ``gallery.npz`` (corrupt, or declaring more than it holds) is skipped with a warning naming it.
     """
     from ppfr.deploy.gallery_sqlite import FILENAME as DB
 
@@ -486,7 +537,12 @@ def _auto_import(db: Path) -> None:
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)  # from an import killed half way
         from ppfr.deploy.gallery_sqlite import SqliteGallery
 
-        names, labels, emb, meta = _read(npz)
+        try:
+            names, labels, emb, meta = _read(npz)
+        except GalleryError as exc:  # a bad file beside the database must not stop a server from starting
+            log.warning("skipping the import of %s (the gallery starts without it; the file is left in place): %s",
+                        npz, exc)  # fmt: skip
+            return
         try:
             g = SqliteGallery(tmp, meta["method"], meta["embedding_size"])
             try:
