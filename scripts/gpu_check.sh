@@ -51,6 +51,14 @@ rm -f "$OUT/summary.json" "$OUT/headline.json" "$OUT/logs.tgz"
 PLAN=(preflight:30 build:110 headline:100 gpu_tests:80 sync_free:25 sync_gpu:35 bench_freq:20 bench_blur:10
   bench_block_shuffle:10 bench_feature_mask_fuse:10 bench_roi_mask:10 bench_sample_ranks:10)
 BENCH_FILES=(freq blur block_shuffle feature_mask_fuse roi_mask sample_ranks)
+PLAN_TOTAL=0
+for e in "${PLAN[@]}"; do PLAN_TOTAL=$((PLAN_TOTAL + ${e##*:})); done
+if ((PLAN_TOTAL + RESERVE > BUDGET)); then # a budget below the plan: every cap shrinks in proportion (5 s at least)
+  for i in "${!PLAN[@]}"; do
+    c=$(((${PLAN[i]##*:} * (BUDGET - RESERVE)) / PLAN_TOTAL))
+    PLAN[i]="${PLAN[i]%%:*}:$((c < 5 ? 5 : c))"
+  done
+fi
 
 log() { echo "== [$((SECONDS - START)) s] $*" | tee -a "$OUT/log.txt"; }
 
@@ -290,16 +298,22 @@ HEADLINE_ARGS=()
 step headline "$PY" scripts/gpu_headline.py "$WORK/headline.json" "${HEADLINE_ARGS[@]}"
 
 # ----------------------------------------------------------------------------------------- the GPU test tier
+# pytest with SIGINT restored (a shell started in the background passes SIGINT on ignored): stopped at its cap, it
+# still writes its junit XML and benchmark JSON. -n 4 with pytest-xdist (Triton compiles in parallel), a per-test
+# limit with pytest-timeout, where the image has them.
+PYTEST=("$PY" -c 'import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); import pytest
+sys.exit(pytest.main())' -q -p no:cacheprovider)
+XDIST=() PER_TEST=()
+"$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 4)
+"$PY" -c 'import pytest_timeout' 2>/dev/null && PER_TEST=(--timeout 60)
 # With a GPU present the interpret tier runs its Triton kernels on the GPU (tests/conftest.py: triton_device).
 TEST_FILES=()
 while IFS= read -r f; do TEST_FILES+=("$f"); done < <(grep -l -E 'mark\.(cuda|interpret)' tests/test_*.py)
-XDIST=()
-"$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 4)
-step gpu_tests "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" -m "cuda or interpret" --timeout 60 \
-  --junitxml="$WORK/gpu_tests.xml" "${TEST_FILES[@]}"
+step gpu_tests "${PYTEST[@]}" "${XDIST[@]}" -m "cuda or interpret" "${PER_TEST[@]}" --junitxml="$WORK/gpu_tests.xml" \
+  "${TEST_FILES[@]}"
 
 # ---------------------------------------------------------------------------------------- host-sync checks
-step sync_free "$PY" -m pytest -q -p no:cacheprovider --timeout 60 --junitxml="$WORK/sync_free.xml" tests/test_sync_free.py
+step sync_free "${PYTEST[@]}" "${PER_TEST[@]}" --junitxml="$WORK/sync_free.xml" tests/test_sync_free.py
 # Every method's protect / recognize / training step on the GPU under torch.cuda.set_sync_debug_mode("warn"): each
 # synchronising CUDA call (item, nonzero, blocking copies) warns; the count per call must be 0.
 step sync_gpu "$PY" - "$WORK/sync_gpu.json" <<'P'
@@ -374,8 +388,8 @@ P
 
 # ------------------------------------------------------------------------------ benchmarks, one file per step
 for f in "${BENCH_FILES[@]}"; do
-  step "bench_$f" env PPFR_BENCH_RATIOS="$WORK/bench_$f.figures.json" "$PY" -m pytest -q -p no:cacheprovider \
-    --benchmark-only -k "triton or cuda" --benchmark-json="$WORK/bench_$f.json" --junitxml="$WORK/bench_$f.xml" \
+  step "bench_$f" env PPFR_BENCH_RATIOS="$WORK/bench_$f.figures.json" "${PYTEST[@]}" --benchmark-only -k "triton or cuda" \
+    --benchmark-json="$WORK/bench_$f.json" --junitxml="$WORK/bench_$f.xml" \
     "benchmarks/bench_$f.py"
 done
 
