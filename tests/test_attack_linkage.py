@@ -203,7 +203,7 @@ def test_identity_adapter_starts_as_the_identity(train, teacher):
 
 
 def test_identity_harness_matches_the_teacher(train, val_pairs, teacher):
-    sec = LinkageAttack().run(_ctx("identity", train, val_pairs, teacher))
+    sec = LinkageAttack().run(_ctx("identity", train, val_pairs, teacher, linkage_form="adapter"))
     tc = sec["teacher_clean"]
     assert 0.0 < tc["linkage_top1"] < 1.0  # the toy problem is neither trivial nor hopeless
     assert sec["linkage_top1"] == tc["linkage_top1"]
@@ -212,7 +212,7 @@ def test_identity_harness_matches_the_teacher(train, val_pairs, teacher):
 
 
 def test_section_carries_result_keys_anchors_and_grid(train, val_pairs, teacher):
-    sec = LinkageAttack().run(_ctx("identity", train, val_pairs, teacher, linkage_steps=1))
+    sec = LinkageAttack().run(_ctx("identity", train, val_pairs, teacher, linkage_steps=1, linkage_form="adapter"))
     assert all(k in sec for k in RESULT_KEYS)
     assert sec["n_faces"] == N_ID * PER_ID
     assert sec["n_gallery"] == N_ID and sec["n_queries"] == N_ID * (PER_ID - 1)
@@ -273,8 +273,6 @@ def test_teacher_frozen_but_differentiable(train, teacher):
 def test_seeded_adapter_starts_as_the_inversion(train, teacher):
     """On a linear payload (PartialFace: its payload does not depend on weights) the untrained adapter's image is
     exactly the closed-form estimate."""
-    pytest.importorskip("ppfr.eval.attacks.inversion")
-
     # a small search patch: the first search builds a basis per candidate rank (~20 s at the default 32)
     ctx = _ctx("method:partialface:depth=18,width=2", train, train, teacher, inversion_patch=8)
     inv = inverter_for(ctx)
@@ -303,3 +301,149 @@ def test_time_limit_stops_training(train, val_pairs, teacher):
     ctx = AttackContext(resolve_target("identity"), train, val_pairs, cfg, Judge("toy", embed=teacher), log=None)
     sec = LinkageAttack().run(ctx)
     assert sec["train"]["steps"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ the forms
+def test_linkage_forms_parse_and_refuse():
+    assert _cfg(linkage_form="insider,adapter").linkage_form == "insider,adapter"
+    from ppfr.eval.attacks.linkage import resolve_forms
+
+    assert resolve_forms(_cfg()) == ["adapter", "finetune", "insider"]  # auto: every form but the student
+    assert resolve_forms(_cfg(linkage_form="insider,adapter")) == ["adapter", "insider"]  # run order
+    for bad in ("adapter,", "adapter,teacher", "auto,adapter"):
+        with pytest.raises(AttackError, match="linkage_form"):
+            _cfg(linkage_form=bad)
+    with pytest.raises(AttackError, match="finetune_loss"):
+        _cfg(finetune_loss="l2")
+    with pytest.raises(AttackError, match="linkage_init"):
+        _cfg(linkage_init="no/such/linker.pt")
+
+
+def _closed_set_top1(method, val: FaceSet) -> float:
+    """Closed-set identification of a method's own embeddings, computed here without the attack's code: gallery =
+    the first face of every identity, queries = the rest, nearest gallery face by cosine."""
+    names = [p.parent.name for p in val.source.files]
+    ident = np.array([names[i] for i in val.labels.tolist()])
+    with torch.no_grad():
+        emb = F.normalize(method.embed(val.batch(torch.arange(len(val)))), dim=1)
+    first = {}
+    for i, n in enumerate(ident):
+        first.setdefault(n, i)
+    gal = sorted(first.values())
+    qry = [i for i in range(len(val)) if i not in set(gal)]
+    sims = emb[qry] @ emb[gal].T
+    hits = [ident[gal[int(j)]] == ident[q] for q, j in zip(qry, sims.argmax(1))]
+    return float(np.mean(hits))
+
+
+def test_insider_on_arcface_is_its_own_closed_set_identification(train, val_pairs, teacher):
+    ctx = _ctx("method:arcface:depth=18,width=2", train, val_pairs, teacher, linkage_form="insider")
+    before = {k: v.clone() for k, v in ctx.method.state_dict().items()}
+    sec = LinkageAttack().run(ctx)
+    assert sec["form"] == "insider" and sec["train"] is None and sec["parameters"] == 0
+    assert sec["linkage_top1"] == pytest.approx(_closed_set_top1(ctx.method, val_pairs), abs=1e-12)
+    assert all(torch.equal(before[k], v) for k, v in ctx.method.state_dict().items())  # nothing trained
+    assert sec["pair"]["tar_at_fmr"].keys() == {"1e-2", "1e-3"}
+
+
+def test_auto_reports_every_form_and_the_strongest(train, val_pairs, teacher):
+    """auto runs adapter, finetune and insider; a form that cannot run is recorded with its reason, and the
+    top-level figure is the maximum over the forms."""
+    sec = LinkageAttack().run(_ctx("identity", train, val_pairs, teacher, finetune_steps=2))
+    assert set(sec["forms"]) == {"adapter", "finetune", "insider"}
+    assert "no server" in sec["forms"]["insider"]["skipped"]
+    top = max(f["linkage_top1"] for f in sec["forms"].values() if f.get("linkage_top1") is not None)
+    assert sec["linkage_top1"] == top and sec["forms"][sec["strongest"]]["linkage_top1"] == top
+    sel = sec["forms"]["finetune"]["train"]["selection"]
+    assert sel["chosen"] in sel["candidates"] and "start (the adapter)" in sel["candidates"]
+    assert sel["candidates"][sel["chosen"]] == max(sel["candidates"].values())  # the best on public identities
+
+
+def test_finetune_trains_a_copy_never_the_teacher(train, teacher):
+    from ppfr.eval.attacks.linkage import finetune_linker, split_identities
+
+    state = {k: v.clone() for k, v in teacher.state_dict().items()}
+    judge = Judge("toy", embed=teacher)
+    method = resolve_target("identity").method
+    cfg = _cfg(finetune_steps=3, linkage_lr=1e-2, finetune_warmup=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        adapter = build_linker("adapter", method, train, cfg, embedding_size=16)
+        with frozen_teacher(judge):
+            linker, summary = finetune_linker(adapter, method, judge, train, cfg, log=None)
+    assert all(torch.equal(state[k], v) for k, v in teacher.state_dict().items())
+    copy_state = linker.net["teacher"].state_dict()
+    moved = [k for k in state if not torch.equal(state[k], copy_state[k])]
+    assert moved or summary["selection"]["chosen"].startswith("start")  # the copy trained (unless start won)
+    assert linker.teacher is not None and linker.teacher.module is linker.net["teacher"]
+    fit, sel = split_identities(train, 0.2, 0)
+    assert not set(identity_index_of(train, fit)) & set(identity_index_of(train, sel))  # identity-disjoint
+
+
+def identity_index_of(faces: FaceSet, idx: torch.Tensor) -> list[int]:
+    return faces.labels[idx].tolist()
+
+
+def test_clean_embeddings_computed_once_per_face(train):
+    from ppfr.eval.attacks.linkage import clean_embeddings
+
+    calls = []
+    net = ToyTeacher()
+
+    def embed(x):
+        calls.append(len(x))
+        return net(x)
+
+    judge = Judge("counting", embed=embed)
+    cache = clean_embeddings(judge, train)
+    a = cache.get(torch.tensor([0, 1, 2, 1]), torch.tensor([False, False, True, True]))
+    b = cache.get(torch.tensor([1, 2]), torch.tensor([True, True]))
+    assert sum(calls) == 4  # 0, 1 plain; 2, 1 mirrored: each once
+    assert clean_embeddings(judge, train) is cache
+    with torch.no_grad():
+        want = F.normalize(net(train.batch(torch.tensor([2])).flip(-1)), dim=1)
+    assert torch.allclose(a[2], want[0], atol=1e-6) and torch.equal(a[3], b[0])
+
+
+def test_linkage_init_loads_all_but_the_payload_specific_part(train, tmp_path):
+    from ppfr.eval.attacks.linkage import load_linker_init, save_linker
+
+    method = resolve_target("identity").method
+    cfg = _cfg()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        a = build_linker("adapter", method, train, cfg, embedding_size=16)
+        torch.manual_seed(1)
+        b = build_linker("adapter", method, train, cfg, embedding_size=16)
+    with torch.no_grad():
+        for p in a.net.unet.parameters():
+            p.add_(1.0)
+    save_linker(a, tmp_path / "linker_adapter.pt", method)
+    stem_before = {k: v.clone() for k, v in b.net.stem.state_dict().items()}
+    n = load_linker_init(b, tmp_path / "linker_adapter.pt")
+    assert n == len(a.net.unet.state_dict())
+    assert all(torch.equal(x, y) for x, y in zip(a.net.unet.state_dict().values(), b.net.unet.state_dict().values()))
+    assert all(torch.equal(stem_before[k], v) for k, v in b.net.stem.state_dict().items())
+
+
+def test_one_to_one_thresholds_come_from_the_training_folds_only():
+    """Each fold's threshold is set on the other nine: moving the test fold's own scores must not move it."""
+    from ppfr.eval.verification import ten_fold_tar
+
+    rng = np.random.default_rng(0)
+    folds = np.repeat(np.arange(10), 40)
+    same = np.tile(np.r_[np.ones(20, bool), np.zeros(20, bool)], 10)
+    sims = np.where(same, rng.normal(0.6, 0.2, len(same)), rng.normal(0.0, 0.2, len(same)))
+    base = ten_fold_tar(sims, same, folds, 1e-2)
+    # a hand computation for fold 0: the training folds' 180 impostors, floor(0.01 * 180) = 1 -> the 2nd largest
+    imp = np.sort(sims[(folds != 0) & ~same])[::-1]
+    tar0 = float((sims[(folds == 0) & same] > imp[1]).mean())
+    moved = sims.copy()
+    moved[(folds == 0) & ~same] += 5.0  # the test fold's impostors now beat every genuine score
+    leak = ten_fold_tar(moved, same, folds, 1e-2)
+    # a leaked threshold would rise above the moved impostors and drop fold 0's TAR to 0
+    per_fold_tar = [float((moved[(folds == f) & same] > np.sort(moved[(folds != f) & ~same])[::-1][1]).mean())
+                    for f in range(10)]  # fmt: skip
+    assert per_fold_tar[0] == tar0
+    assert leak["tar"] == pytest.approx(np.mean(per_fold_tar))
+    assert leak["fmr"] > base["fmr"]  # fold 0's impostors pass its (training-fold) threshold: measured, not hidden

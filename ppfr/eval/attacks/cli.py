@@ -95,7 +95,8 @@ def run_target(target: Target, kinds: Iterable[str], train: FaceSet, val: FaceSe
 def _run_mode(target: Target, kinds: list[str], train: FaceSet, val: FaceSet, cfg: AttackConfig,
               out_dir: Path | None, judge: Judge | None, judge_original: VerificationResult | None,
               device: torch.device | str, log: Callable[[str], None] | None) -> dict[str, Any]:  # fmt: skip
-    ctx = AttackContext(target, train, val, cfg, judge, judge_original, device, log)
+    ctx = AttackContext(target, train, val, cfg, judge, judge_original, device, log,
+                        save_dir=Path(out_dir) / target.label if out_dir is not None else None)
     t0 = time.perf_counter()
     with torch.no_grad():
         probe = protect_with(target.method, train.batch(torch.arange(min(2, len(train)))).to(device), cfg, 0, 0)
@@ -153,7 +154,10 @@ def one_line(sec: dict[str, Any]) -> str:
     if sec.get("reid_acc") is not None:
         parts.append(f"re-id {sec['reid_acc'] * 100:.2f} %")
     if sec.get("linkage_top1") is not None:
-        parts.append(f"linkage top-1 {sec['linkage_top1'] * 100:.1f} %")
+        forms = sec.get("forms") or {}
+        each = (" (" + ", ".join(f"{f} {_pct(v.get('linkage_top1'))}" for f, v in forms.items()) + ")"
+                if len(forms) > 1 else "")  # fmt: skip
+        parts.append(f"linkage top-1 {sec['linkage_top1'] * 100:.1f} % [{sec.get('form')}]{each}")
     if sec.get("key_recovery") is not None:
         parts.append(f"key recovery {sec['key_recovery'] * 100:.1f} %")
     if sec.get("skipped"):
@@ -181,6 +185,9 @@ def markdown_table(results: list[dict]) -> str:
             if s.get("linkage_top1") is not None:
                 t, c = (s.get("teacher_clean") or {}), (s.get("chance") or {})
                 link = f"{_pct(s['linkage_top1'])} ({_pct(t.get('linkage_top1'))} / {_pct(c.get('linkage_top1'))})"
+                if len(s.get("forms") or {}) > 1:
+                    link += f" = {s['strongest']}; " + ", ".join(f"{f} {_pct(v.get('linkage_top1'))}"
+                                                                 for f, v in s["forms"].items())  # fmt: skip
             tar = (s.get("tar_at_fmr") or {}).get("1e-3")
             lines.append(f"| {r['label']} | {r['method']} | {kind} | {s.get('secrets', '–')} | "
                          f"{_num(s.get('ssim'), '.3f')} | {_num(s.get('psnr'), '.2f')} | {_pct(s.get('reid_acc'))} | "
@@ -256,12 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="inversion: Tikhonov weight toward the public mean face (default %(default)s)")
     ap.add_argument("--inversion-patch", type=int, default=d.inversion_patch,
                     help="inversion: side of the patch the secret search scores (default %(default)s)")
-    ap.add_argument("--linkage-form", default=d.linkage_form, choices=["auto", "adapter", "student"],
-                    help="linkage model: adapter + frozen teacher, from-scratch student, or auto (the strongest)")
+    ap.add_argument("--linkage-form", default=d.linkage_form,
+                    help="linkage forms, comma-separated: adapter (+ frozen teacher), finetune (a trainable copy of "
+                         "the teacher), insider (the server's own client + recogniser, no training), student "
+                         "(from scratch); auto (default) = adapter,finetune,insider, the strongest is the figure")
     ap.add_argument("--linkage-steps", type=int, default=d.linkage_steps, help="linkage training steps")
     ap.add_argument("--linkage-batch-size", type=int, default=d.linkage_batch_size, help="linkage faces per step")
     ap.add_argument("--linkage-lr", type=float, default=d.linkage_lr, help="linkage Adam lr")
     ap.add_argument("--linkage-topk", type=int, default=d.linkage_topk, help="k of top-k linkage")
+    ap.add_argument("--finetune-steps", type=int, default=d.finetune_steps,
+                    help="finetune form: steps with the teacher copy unfrozen (default %(default)s)")
+    ap.add_argument("--finetune-lr-mult", type=float, default=d.finetune_lr_mult,
+                    help="finetune form: the teacher copy's lr as a multiple of --linkage-lr (default %(default)s)")
+    ap.add_argument("--finetune-loss", default=d.finetune_loss, choices=["centred", "cosine"],
+                    help="finetune form: batch-centred cosine (default) or FaceLinkGen's plain 1 - cos")
+    ap.add_argument("--linkage-init", default=None, metavar="LINKER_PT",
+                    help="start the linker from a linker_<form>.pt an earlier run wrote (few-shot transfer)")
     ap.add_argument("--max-train-images", type=int, default=d.max_train_images,
                     help="public faces kept in memory, a random subset (default %(default)s)")
     ap.add_argument("--max-val-images", type=int, default=None, help="held-out folder: score a random subset")
@@ -283,7 +300,9 @@ def config_from_args(args: argparse.Namespace) -> AttackConfig:
                         inversion_ridge=args.inversion_ridge, inversion_patch=args.inversion_patch,
                         linkage_form=args.linkage_form, linkage_steps=args.linkage_steps,
                         linkage_batch_size=args.linkage_batch_size, linkage_lr=args.linkage_lr,
-                        linkage_topk=args.linkage_topk)  # fmt: skip
+                        linkage_topk=args.linkage_topk, finetune_steps=args.finetune_steps,
+                        finetune_lr_mult=args.finetune_lr_mult, finetune_loss=args.finetune_loss,
+                        linkage_init=args.linkage_init)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,11 @@ class AttackError(ValueError):
     """Bad attack input (target, data, judge or budget); the message says what to pass instead."""
 
 
+# The linkage attacker's forms (linkage.py); ``auto`` runs every one but the student.
+LINKAGE_FORMS = ("adapter", "finetune", "insider", "student")
+AUTO_LINKAGE_FORMS = ("adapter", "finetune", "insider")
+
+
 # ------------------------------------------------------------------------------------------ identity method
 @dataclass(frozen=True)
 class IdentityOptions(MethodOptions):
@@ -227,10 +232,24 @@ class AttackConfig:
         is linear: it is the strongest form, and linkage reports the strongest attack.
     inversion_ridge: Tikhonov weight of the inversion toward the public mean face (docs/attack.md).
     inversion_patch: side of the payload patch the secret search scores candidates on (centre of the face).
-    linkage_form: ``auto`` (the strongest that applies: ``adapter``), ``adapter`` (payload -> image network ->
-        frozen teacher) or ``student`` (a from-scratch IR net on the payload, FaceLinkGen's form).
-    linkage_steps, linkage_batch_size, linkage_lr: budget of the linkage attacker's training.
+    linkage_form: ``auto`` (every form that applies but the student: ``adapter,finetune,insider``; the linkage
+        figure is the strongest), one form, or a comma-separated list of forms: ``adapter`` (payload -> image
+        network -> frozen teacher), ``finetune`` (the adapter in front of a copy of the teacher with every weight
+        trainable: FaceLinkGen's code path), ``insider`` (the server's own client and recogniser, no training) or
+        ``student`` (a from-scratch IR net on the payload, FaceLinkGen's paper form). See linkage.py.
+    linkage_steps, linkage_batch_size, linkage_lr: budget of the linkage attacker's training (the adapter's, and
+        the frozen first phase of ``finetune`` when it runs without the adapter).
     linkage_topk: k of the top-k linkage figure.
+    finetune_steps: steps of the unfrozen phase of ``finetune`` (teacher copy and adapter both train).
+    finetune_lr_mult: the teacher copy's learning rate as a multiple of ``linkage_lr`` (the adapter keeps
+        ``linkage_lr``); its rate warms up linearly over the first ``finetune_warmup`` steps.
+    finetune_loss: ``centred`` (1 - cos between batch-centred prediction and target, the recipe that learns at this
+        scale; queries and gallery are then scored centred on their public means) or ``cosine`` (FaceLinkGen's
+        plain 1 - cos, which collapses on face-api.js: see docs/attack.md).
+    select_share: share of the public identities ``finetune`` holds out of its unfrozen phase to choose, by
+        linkage top-1 on them, between the phase's start (the adapter), middle and end. Never the scored faces.
+    linkage_init: a ``linker_<form>.pt`` written by an earlier linkage run (against any method): the linker starts
+        from its weights wherever the shapes match (few-shot transfer; ``--max-train-images 256``).
     """
 
     steps: int = 300
@@ -259,12 +278,19 @@ class AttackConfig:
     linkage_batch_size: int = 16
     linkage_lr: float = 1e-3
     linkage_topk: int = 5
+    finetune_steps: int = 100
+    finetune_lr_mult: float = 0.1
+    finetune_warmup: int = 10
+    finetune_loss: str = "centred"
+    select_share: float = 0.2
+    linkage_init: str | None = None
 
     def __post_init__(self) -> None:
         for key, lo in (("steps", 1), ("batch_size", 1), ("stem_width", 1), ("base_width", 1),
                         ("max_train_images", 1), ("norm_batches", 1), ("eval_batch_size", 1), ("grid_images", 0),
                         ("seed", 0), ("log_every", 1), ("inversion_patch", 4), ("linkage_steps", 1),
-                        ("linkage_batch_size", 2), ("linkage_topk", 1)):  # fmt: skip
+                        ("linkage_batch_size", 2), ("linkage_topk", 1), ("finetune_steps", 1),
+                        ("finetune_warmup", 0)):  # fmt: skip
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise AttackError(f"AttackConfig.{key} must be an integer >= {lo}, got {v!r}")
@@ -272,14 +298,24 @@ class AttackConfig:
             v = getattr(self, key)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise AttackError(f"AttackConfig.{key} must be None or an integer >= 1, got {v!r}")
-        for key in ("lr", "linkage_lr", "inversion_ridge"):
+        for key in ("lr", "linkage_lr", "inversion_ridge", "finetune_lr_mult"):
             v = getattr(self, key)
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
                 raise AttackError(f"AttackConfig.{key} must be a positive number, got {v!r}")
         for key, allowed in (("secrets", ("fresh", "fixed")), ("init", ("none", "inversion")),
-                             ("linkage_form", ("auto", "adapter", "student"))):  # fmt: skip
+                             ("finetune_loss", ("centred", "cosine"))):  # fmt: skip
             if getattr(self, key) not in allowed:
                 raise AttackError(f"AttackConfig.{key} must be one of {'|'.join(allowed)}, got {getattr(self, key)!r}")
+        forms = [f.strip() for f in str(self.linkage_form).split(",")] if isinstance(self.linkage_form, str) else []
+        bad = [f for f in forms if f not in LINKAGE_FORMS] if forms != ["auto"] else []
+        if not forms or bad or "" in forms:
+            raise AttackError(f"AttackConfig.linkage_form must be auto or forms of {'|'.join(LINKAGE_FORMS)} "
+                              f"(comma-separated), got {self.linkage_form!r}")  # fmt: skip
+        if not (isinstance(self.select_share, float) and 0.0 < self.select_share < 1.0):
+            raise AttackError(f"AttackConfig.select_share must be a number in (0, 1), got {self.select_share!r}")
+        if self.linkage_init is not None and not Path(self.linkage_init).is_file():
+            raise AttackError(f"AttackConfig.linkage_init: {self.linkage_init!r} is not a file (pass a linker_<form>.pt "
+                              "an earlier linkage run wrote)")  # fmt: skip
         if self.loss not in ("l1", "l1+ssim"):
             raise AttackError(f"AttackConfig.loss must be 'l1' or 'l1+ssim', got {self.loss!r}")
         if self.time_limit is not None and not self.time_limit > 0:
@@ -419,20 +455,33 @@ def protect_with(method: Method, images: torch.Tensor, cfg: AttackConfig, stream
     return Payload(parts[0].method, {k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors})
 
 
-def fit_attacker(module: torch.nn.Module, loss_fn: Callable[[torch.Tensor, int], torch.Tensor], train: FaceSet,
-                 cfg: AttackConfig, *, steps: int, lr: float, batch_size: int, seed: int, name: str,
+Draw = tuple[torch.Tensor, torch.Tensor]  # (indices (B,) into the FaceSet, flipped (B,) bool) of one batch
+
+
+def fit_attacker(module: torch.nn.Module, loss_fn: Callable[[torch.Tensor, int, Draw], torch.Tensor],
+                 train: FaceSet, cfg: AttackConfig, *, steps: int, lr: float, batch_size: int, seed: int, name: str,
                  device: torch.device | str = "cpu", log: Callable[[str], None] | None = print,
-                 stop_below: float | None = None) -> dict[str, Any]:  # fmt: skip
+                 stop_below: float | None = None, groups: list[dict[str, Any]] | None = None,
+                 on_step: Callable[[int], None] | None = None) -> dict[str, Any]:  # fmt: skip
     """The training loop every learned kind shares: ``steps`` batches of ``batch_size`` public faces (random
     horizontal flips when ``cfg.flip``, drawn from a generator seeded with ``seed``), ``loss_fn(faces (B, 3, S, S)
-    in [-1, 1], step) -> scalar``, Adam on ``module``'s trainable parameters at ``lr`` cosine-decayed to 0, early
-    stop at ``cfg.time_limit`` seconds, or once the mean loss of the last 10 steps is below ``stop_below`` (the
-    attacker has nothing left to learn: e.g. linkage through an exact inversion). Runs under ``enable_grad`` (a caller's ``no_grad`` must not make training a
-    silent no-op). Returns steps, seconds, images/s, first/last loss (means over ``cfg.log_every``-step windows) and
-    the loss curve."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    in [-1, 1], step, (indices, flipped)) -> scalar`` (the draw lets a caller look up per-face targets it cached),
+    Adam on ``module``'s trainable parameters at ``lr`` cosine-decayed to 0, early stop at ``cfg.time_limit``
+    seconds, or once the mean loss of the last 10 steps is below ``stop_below`` (the attacker has nothing left to
+    learn: e.g. linkage through an exact inversion). ``groups``: Adam parameter groups instead (each may carry
+    ``lr`` and ``warmup``, steps of a linear ramp before the cosine decay). ``on_step(step)`` runs after each step
+    (e.g. a model selection). Runs under ``enable_grad`` (a caller's ``no_grad`` must not make training a silent
+    no-op). Returns steps, seconds, images/s, first/last loss (means over ``cfg.log_every``-step windows) and the
+    loss curve."""
+    if groups is None:
+        groups = [{"params": [p for p in module.parameters() if p.requires_grad]}]
+    opt = torch.optim.Adam([{k: v for k, v in g.items() if k != "warmup"} for g in groups], lr=lr)
+
+    def factor(warmup: int) -> Callable[[int], float]:
+        return lambda s: min(1.0, (s + 1) / warmup if warmup else 1.0) * 0.5 * (
+            1 + math.cos(math.pi * min(s, steps) / steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor(int(g.get("warmup", 0))) for g in groups])
     g = torch.Generator().manual_seed(seed)
     bs = min(batch_size, len(train))
     curve: list[tuple[int, float]] = []
@@ -443,17 +492,21 @@ def fit_attacker(module: torch.nn.Module, loss_fn: Callable[[torch.Tensor, int],
     step = 0
     with torch.enable_grad():
         for step in range(1, steps + 1):
-            x = train.batch(torch.randint(len(train), (bs,), generator=g))
+            idx = torch.randint(len(train), (bs,), generator=g)
+            x = train.batch(idx)
+            flip = torch.zeros(bs, dtype=torch.bool)
             if cfg.flip:  # flip the clean face before protection: payload and target see the same face
                 flip = torch.rand(bs, generator=g) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            loss = loss_fn(x.to(device), step)
+            loss = loss_fn(x.to(device), step, (idx, flip))
             if not torch.isfinite(loss):
                 raise RuntimeError(f"{name} loss became {loss.item()} at step {step}; lower its learning rate")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if on_step is not None:
+                on_step(step)
             window.append(loss.item())
             recent.append(window[-1])
             converged = stop_below is not None and len(recent) >= 10 and float(np.mean(recent[-10:])) < stop_below
@@ -493,11 +546,35 @@ Embed = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class Judge:
-    """A face recogniser scoring re-identification: ``embed(images (B,3,112,112) in [-1,1]) -> (B, D)``."""
+    """A face recogniser scoring re-identification: ``embed(images (B,3,112,112) in [-1,1]) -> (B, D)``.
+
+    ``module``: the network behind ``embed`` (a teacher is frozen through it); ``rebind(copy_of_module)`` gives the
+    same ``embed`` on a copy (how the linkage ``finetune`` form gets a teacher whose weights it may train). A judge
+    whose ``embed`` is itself a module needs neither. ``cache`` holds per-dataset clean embeddings (linkage targets
+    and gallery), computed once and shared by every form and target of a run.
+    """
 
     name: str
     embed: Embed
-    module: torch.nn.Module | None = None  # the network behind ``embed`` (a teacher is frozen through it)
+    module: torch.nn.Module | None = None
+    rebind: Callable[[torch.nn.Module], Embed] | None = None
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def trainable_copy(self) -> Judge | None:
+        """A judge over a deep copy of the network, every weight trainable, eval mode (BatchNorm statistics stay
+        the teacher's); None when the network behind ``embed`` is not known."""
+        import copy
+
+        if isinstance(self.embed, torch.nn.Module):
+            m = copy.deepcopy(self.embed)
+            embed: Embed = m
+        elif self.module is not None and self.rebind is not None:
+            m = copy.deepcopy(self.module)
+            embed = self.rebind(m)
+        else:
+            return None
+        m.eval().requires_grad_(True)
+        return Judge(f"{self.name} (fine-tuned copy)", embed, m, self.rebind)
 
 
 def make_judge(spec: str, judge_dir: str | None = None, device: torch.device | str = "cpu") -> Judge | None:
@@ -521,7 +598,7 @@ def make_judge(spec: str, judge_dir: str | None = None, device: torch.device | s
             judge = load_faceapi_judge(d, device=device)
         except CheckpointError as exc:
             raise AttackError(f"--judge faceapi: {exc}") from None
-        return Judge("faceapi", lambda x: judge.embed(x), judge)
+        return Judge("faceapi", lambda x: judge.embed(x), judge, rebind=lambda m: m.embed)
     if spec == "identity":
         raise AttackError("--judge identity: the identity pseudo-method has no recogniser; use faceapi or a model.pt")
     target = resolve_target(spec, device)
@@ -529,11 +606,11 @@ def make_judge(spec: str, judge_dir: str | None = None, device: torch.device | s
         warnings.warn(f"judge {spec!r} is untrained: its verification accuracy is meaningless", stacklevel=2)
     m = target.method
 
-    def embed(x: torch.Tensor) -> torch.Tensor:
+    def rebind(mm: torch.nn.Module) -> Embed:
         # a fixed generator: the judge's own protection (if any) must not add noise between the two images of a pair
-        return m.embed(x, generator=torch.Generator().manual_seed(0))
+        return lambda x: mm.embed(x, generator=torch.Generator().manual_seed(0))
 
-    return Judge(f"{target.label} ({m.name})", embed, m)
+    return Judge(f"{target.label} ({m.name})", rebind(m), m, rebind)
 
 
 @torch.no_grad()
@@ -609,6 +686,7 @@ class AttackContext:
     device: torch.device | str = "cpu"
     log: Callable[[str], None] | None = print
     shared: dict[str, Any] = field(default_factory=dict)
+    save_dir: Path | None = None  # where a kind may keep what it trained (``<out>/<target>``), None: keep nothing
 
     @property
     def method(self) -> Method:

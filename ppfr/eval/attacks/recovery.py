@@ -194,7 +194,7 @@ def train_attacker(inputs: InputFn, attacker: RecoveryAttacker, train: FaceSet, 
     """Train ``attacker`` on the inputs of training faces (new secrets every step unless ``cfg.secrets`` is fixed)
     with :func:`~ppfr.eval.attacks.common.fit_attacker`; returns its summary."""
 
-    def loss_fn(x: torch.Tensor, step: int) -> torch.Tensor:
+    def loss_fn(x: torch.Tensor, step: int, _draw: object = None) -> torch.Tensor:
         with torch.no_grad():
             tensors = inputs(x, TRAIN_STREAM, step)
         return attack_loss(attacker(tensors), x * 0.5 + 0.5, cfg)
