@@ -162,7 +162,7 @@ class Headline:
                     try:
                         err = float((freq_encode(x, ch, backend=be).double() - ref64).abs().max())
                         row = {"correct": err <= bound, "max_abs_err": err, "bound": bound}
-                        t = self.median_s(lambda be=be, ch=ch: freq_encode(x, ch, backend=be))
+                        t = self.median_s(lambda x=x, be=be, ch=ch: freq_encode(x, ch, backend=be))
                         gbs = (b * k + b * 3) * H * W * 4 / t / 1e9  # coefficients written + image read
                         row.update(ms=round(t * 1e3, 4), gb_per_s=round(gbs, 1),
                                    of_copy=round(gbs / copy_gbs, 3) if copy_gbs else None,
@@ -190,7 +190,9 @@ class Headline:
                 except Interrupted:
                     raise
                 except Exception as exc:  # noqa: BLE001
-                    self.put("train_partialface", key, {"error": repr(exc)[:400], "trace": traceback.format_exc()[-800:]})
+                    self.put(
+                        "train_partialface", key, {"error": repr(exc)[:400], "trace": traceback.format_exc()[-800:]}
+                    )
                 finally:
                     os.environ.pop("PPFR_BACKEND", None)
                     if self.dev.type == "cuda":
@@ -205,7 +207,9 @@ class Headline:
 
     def _train_one(self, config: Path, b: int, warm: int, steps: int, amp: str) -> dict:
         out_dir = tempfile.mkdtemp(prefix="ppfr_headline_")
-        cfg = load_config(config, [f"out_dir={out_dir}", f"data.batch_size={b}", f"device={self.dev.type}", f"amp={amp}"])
+        cfg = load_config(
+            config, [f"out_dir={out_dir}", f"data.batch_size={b}", f"device={self.dev.type}", f"amp={amp}"]
+        )
         trainer = Trainer(cfg, quiet=True)
         torch.manual_seed(0)
         method = build_method(cfg.method, **cfg.method_options).to(self.dev)
@@ -255,7 +259,8 @@ class Headline:
         self.r["complete"] = True
         self.save()
         rows = list(self.r.get("freq_encode", {}).values()) + [
-            v for v in self.r.get("train_partialface", {}).values() if isinstance(v, dict)]
+            v for v in self.r.get("train_partialface", {}).values() if isinstance(v, dict)
+        ]
         bad = any(row.get("correct") is False or "error" in row for row in rows)
         return 1 if bad or self.r["errors"] else 0
 

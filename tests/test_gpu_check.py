@@ -74,7 +74,9 @@ def test_dry_run_lists_every_step_with_its_cap(dry_run):
     assert plan[:3] == ["preflight", "build", "headline"]  # the headline numbers come right after the build
     assert {"gpu_tests", "sync_free", "sync_gpu"} <= set(plan)
     assert len([n for n in plan if n.startswith("bench_")]) >= 6  # one benchmark file per step
-    assert all(p["cap_s"] > 0 for p in s["plan"]) and next(p for p in s["plan"] if p["name"] == "preflight")["cap_s"] <= 30
+    assert (
+        all(p["cap_s"] > 0 for p in s["plan"]) and next(p for p in s["plan"] if p["name"] == "preflight")["cap_s"] <= 30
+    )
     steps = {st["name"]: st for st in s["steps"]}
     assert list(steps) == plan, res.stdout[-3000:]
     for name, st in steps.items():
