@@ -239,10 +239,6 @@ def test_make_judge(tmp_path, faces):
     with pytest.warns(UserWarning, match="untrained"):
         j = atk.make_judge("method:arcface:depth=18,width=8")
     assert j.embed(faces).shape == (2, 512)
-    try:
-        import ppfr.models.faceapi  # noqa: F401  (written alongside; absent in older checkouts)
-    except ImportError:
-        pytest.skip("ppfr.models.faceapi is not in this checkout")
     with pytest.raises(atk.AttackError, match="not found"):
         atk.make_judge("faceapi", str(tmp_path / "nowhere"))
     if not FACEAPI.is_dir():
