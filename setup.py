@@ -1,6 +1,7 @@
 """Build script: installs the `ppfr` package and builds its compiled kernels with CMake.
 
-`kernels/` and `pipelines/` (fixed top-level folders) are installed as `ppfr.kernels` and `ppfr.pipelines`.
+`kernels/` and `pipelines/` (fixed top-level folders) are installed as `ppfr.kernels` and `ppfr.pipelines`, and the
+YAML files of `configs/` as `ppfr.configs`.
 
 The compiled modules are torch-free pybind11 extensions (raw-pointer interface), so this script never imports
 torch. That is what makes `python setup.py develop` work with setuptools >= 80, which re-routes `develop` to
@@ -99,8 +100,10 @@ if _build_cuda():
     ext_modules.append(CMakeExtension("ppfr._C_cuda"))
 
 setup(
-    packages=["ppfr", *(f"ppfr.{p}" for p in find_packages("ppfr")), "ppfr.kernels", "ppfr.pipelines"],
-    package_dir={"ppfr": "ppfr", "ppfr.kernels": "kernels", "ppfr.pipelines": "pipelines"},
+    # configs/ ships as ppfr.configs (data only), so `ppfr train partialface_tiny` works from a wheel.
+    packages=["ppfr", *(f"ppfr.{p}" for p in find_packages("ppfr")), "ppfr.kernels", "ppfr.pipelines", "ppfr.configs"],
+    package_dir={"ppfr": "ppfr", "ppfr.kernels": "kernels", "ppfr.pipelines": "pipelines", "ppfr.configs": "configs"},
+    package_data={"ppfr.configs": ["*.yaml"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -19,7 +19,7 @@ EXTRAS: dict[str, dict[str, str]] = {
     "export": {"onnx": "onnx", "onnxruntime": "onnxruntime", "onnxscript": "onnxscript"},
     "serve": {"fastapi": "fastapi", "uvicorn": "uvicorn", "h11": "h11", "httpx": "httpx", "msgpack": "msgpack",
               "faiss-cpu": "faiss", "starlette": "starlette", "pydantic": "pydantic"},
-    "fleet": {"qdrant-client": "qdrant_client", "tritonclient": "tritonclient.grpc"},
+    "fleet": {"qdrant-client": "qdrant_client", "tritonclient": "tritonclient.grpc", "protobuf": "google.protobuf"},
     "train": {"tensorboard": "tensorboard"},
 }  # fmt: skip
 

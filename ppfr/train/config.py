@@ -1,7 +1,8 @@
 """Typed, validated training configs. YAML is only a serialisation: it is loaded into frozen dataclasses, unknown
 or mistyped keys are errors that name the key (``optim.lr``), and ``key=value`` overrides use dotted paths.
 
-A config file may name a ``base:`` file (relative to itself) whose values it overrides.
+A config file may name a ``base:`` file (relative to itself) whose values it overrides. The configs of configs/ ship
+with the package (``ppfr.configs``), so ``ppfr train partialface_tiny`` finds one by name anywhere.
 """
 
 from __future__ import annotations
@@ -364,9 +365,45 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
+def shipped_configs() -> dict[str, Path]:
+    """{name: path} of the configs that ship with ppfr (configs/ of the source tree, ``ppfr.configs`` installed)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("ppfr.configs")
+    except ImportError:
+        spec = None
+    dirs = [Path(d) for d in (spec.submodule_search_locations or [])] if spec else []
+    dirs.append(Path(__file__).resolve().parents[2] / "configs")  # a source tree run without installing
+    for d in dirs:
+        if d.is_dir():
+            return {p.stem: p for p in sorted(d.glob("*.yaml"))}
+    return {}
+
+
+def find_config(path: str | Path) -> Path:
+    """``path`` if it exists, else the shipped config it names (``partialface_tiny``, ``partialface_tiny.yaml`` or
+    the README's ``configs/partialface_tiny.yaml`` run outside a clone).
+
+    Raises:
+        ConfigError: neither; the message lists the shipped configs.
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    shipped = shipped_configs()
+    if len(path.parts) == 1 or path.parent.name == "configs":
+        stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+        if stem in shipped:
+            return shipped[stem]
+    names = ", ".join(n for n in shipped if not n.endswith("base")) or "none found"
+    raise ConfigError(f"no config {str(path)!r}: pass a YAML file or the name of a config that ships with ppfr: {names}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
-    values = _read_yaml(Path(path)) if path is not None else {}
+    """Load a YAML config (a path or a shipped config's name, see :func:`find_config`; the defaults when ``path``
+    is None), apply overrides, validate."""
+    values = _read_yaml(find_config(path)) if path is not None else {}
     values = apply_overrides(values, overrides or [])
     return from_dict(TrainConfig, values)
 
