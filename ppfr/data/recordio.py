@@ -214,7 +214,10 @@ class RecordIOReader:
                 rec0 = self.read(0)
             except CorruptSampleError as exc:
                 raise DataFormatError(f"{self.rec}: record 0 is unreadable ({exc}); not a RecordIO pack?") from None
-            h = unpack_irheader(rec0)[0] if len(rec0) >= IR_SIZE else None
+            try:
+                h = unpack_irheader(rec0)[0]
+            except CorruptSampleError:  # then not a header record: key 0 is read (and refused) as an image
+                h = None
             if h is not None and h.flag >= 2 and len(rec0) == IR_SIZE + 4 * h.flag:  # a header record, no image
                 self.header0 = h
                 end = h.label[0]  # type: ignore[index]  # a float32: compared as one (NaN/inf then select nothing/all)
