@@ -80,6 +80,8 @@ class StudyConfig:
     attack_pairs: int | None = 600
     attack_kinds: str = "all"
     linkage_steps: int = 100
+    linkage_form: str = "auto"  # the linkage forms (auto: adapter, finetune, insider; the strongest is the figure)
+    finetune_steps: int = 100  # the finetune form's unfrozen steps
     judge: str = "faceapi"
     judge_dir: str | None = None
     timing_batch: int = 32
@@ -407,6 +409,31 @@ def payload_fingerprint(method, images: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def refresh_insider(target, attack_dir: Path, train, val, acfg, judge, log=print) -> dict[str, Any] | None:
+    """Re-run the insider linkage form of a row whose other attacks were reused (:func:`reuse_attacks`): the insider
+    links with the row's *own* recogniser, which a bit-identical payload does not make the twin's. Merges the new
+    insider section into the row's linkage section and recomputes the strongest form; None when the study runs no
+    insider form."""
+    from ppfr.eval.attacks.cli import run_target
+    from ppfr.eval.attacks.linkage import combine_forms, resolve_forms
+
+    path = attack_dir / target.label / "result.json"
+    res = json.loads(path.read_text())
+    link = res.get("kinds", {}).get("linkage")
+    if not link or "insider" not in resolve_forms(acfg) or "forms" not in link:
+        return None
+    fresh = run_target(target, ["linkage"], train, val, dataclasses.replace(acfg, linkage_form="insider"), None,
+                       judge, log=log)["kinds"]["linkage"]  # fmt: skip
+    forms = {**link["forms"], "insider": fresh["forms"]["insider"]}
+    res["kinds"]["linkage"] = {"applies": True, "kind": "linkage", "secrets": link.get("secrets"),
+                               **combine_forms(forms)}  # fmt: skip
+    res["insider_rerun"] = True
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    os.replace(tmp, path)
+    return res
+
+
 def reuse_attacks(twin: Path, dest: Path, label: str, twin_label: str) -> dict[str, Any]:
     """Copy an earlier row's finished attacks (``<attack>/<twin>/result.json`` and its grid) as ``label``'s, marked
     ``reused_from``: the two rows' payloads are bit-identical (:func:`payload_fingerprint`)."""
@@ -600,7 +627,8 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
     ledger.setdefault("runs", {})
     study = study_runs(cfg)
     acfg = atk.AttackConfig(steps=cfg.attack_steps, max_train_images=cfg.attack_train_images,
-                            max_pairs=cfg.attack_pairs, seed=0, linkage_steps=cfg.linkage_steps)  # fmt: skip
+                            max_pairs=cfg.attack_pairs, seed=0, linkage_steps=cfg.linkage_steps,
+                            linkage_form=cfg.linkage_form, finetune_steps=cfg.finetune_steps)  # fmt: skip
     kinds = parse_kinds(cfg.attack_kinds)
     val_src = atk.open_val(cfg.pairs, acfg.max_pairs)
     judge = atk.make_judge(cfg.judge, cfg.judge_dir) if cfg.judge != "none" else None
@@ -694,7 +722,10 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
         twin = attacked.get(fp)
         if todo and twin is not None:  # the same payload as an earlier row: the same attacks, already run
             reuse_attacks(attack_dir / twin, attack_dir / name, name, twin)
-            log(f"study: {name}: its payload is bit-identical to {twin}'s: {twin}'s attacks apply, reused")
+            log(f"study: {name}: its payload is bit-identical to {twin}'s: {twin}'s payload-only attacks apply, "
+                "reused")  # fmt: skip
+            target = dataclasses.replace(atk.resolve_target(str(model_pt)), label=name)
+            refresh_insider(target, attack_dir, attack_train, attack_val, acfg, judge, log)
             todo = []
         if todo and time.perf_counter() >= deadline:
             skipped.append(f"{name}: attacks {', '.join(todo)} (the budget is spent)")
@@ -743,6 +774,17 @@ def _kind(sec: dict[str, Any], key: str, spec: str, scale: float = 1.0) -> str:
     return _f(sec.get(key) if sec else None, spec, scale)
 
 
+def form_figures(link: dict[str, Any]) -> str:
+    """``adapter / finetune / insider`` top-1 % of a linkage section (– for a form not run; the reason's first words
+    for one that could not run)."""
+    forms = link.get("forms") or {}
+    cells = []
+    for f in ("adapter", "finetune", "insider"):
+        s = forms.get(f)
+        cells.append("–" if s is None else "skipped" if s.get("skipped") else _f(s.get("linkage_top1"), ".1f", 100))
+    return " / ".join(cells)
+
+
 def privacy_ordering(rows: list[dict[str, Any]]) -> list[str]:
     """One line per method, most private first: the strongest attacks' figures beside the paper's claim."""
     items = []
@@ -759,8 +801,10 @@ def privacy_ordering(rows: list[dict[str, Any]]) -> list[str]:
         inv = ((r.get("attack") or {}).get("kinds", {}).get("inversion")) or {}
         chance = (((r.get("attack") or {}).get("kinds", {}).get("linkage") or {}).get("chance") or {}).get("linkage_top1")
         times = f" ({link / chance:.0f}× chance)" if link is not None and chance else ""
-        txt = (f"{i}. `{r.get('label', r['method'])}`: linkage top-1 {_f(link, '.1f', 100)} %{times}, best re-id "
-               f"{_f(reid, '.1f', 100)} %")  # fmt: skip
+        form = (((r.get("attack") or {}).get("kinds", {}).get("linkage") or {}).get("form"))
+        by = f" (by the {form} form)" if form and link is not None else ""
+        txt = (f"{i}. `{r.get('label', r['method'])}`: linkage top-1 {_f(link, '.1f', 100)} %{times}{by}, best "
+               f"re-id {_f(reid, '.1f', 100)} %")  # fmt: skip
         if inv.get("ssim") is not None:
             txt += f", closed-form inversion SSIM {inv['ssim']:.3f}"
             if inv.get("key_recovery") is not None:
@@ -848,9 +892,9 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         "",
         "| method | training | acc % (10-fold, flip) | acc % held-out ids | AUC | inversion SSIM ↓ | key rec. % "
         "| recovery SSIM ↓ | best re-id % ↓ "
-        "| linkage top-1 % ↓ | linkage TAR@1e-3 % ↓ | payload B/img | client ms/img | server ms/img | paper LFW % "
-        "| paper SSIM / PSNR |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| linkage top-1 % ↓ (strongest form) | adapter / finetune / insider top-1 % | linkage TAR@1e-3 % ↓ "
+        "| 1:1 acc % ↓ | payload B/img | client ms/img | server ms/img | paper LFW % | paper SSIM / PSNR |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     anchors = None
     for r in rows:
@@ -865,8 +909,11 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
             f"| {r['method']} | {r.get('training', 'scratch')} | {v['accuracy'] * 100:.2f} ± {v['std'] * 100:.2f} | "
             f"{_held(r)} | {v['auc']:.4f} | "
             f"{_kind(inv, 'ssim', '.3f')} | {_kind(inv, 'key_recovery', '.1f', 100)} | {_kind(rec, 'ssim', '.3f')} | "
-            f"{_f(max(reids) if reids else None, '.2f', 100)} | {_kind(link, 'linkage_top1', '.1f', 100)} | "
-            f"{_f((link.get('tar_at_fmr') or {}).get('1e-3'), '.1f', 100)} | {c['payload_bytes']:,} | "
+            f"{_f(max(reids) if reids else None, '.2f', 100)} | {_kind(link, 'linkage_top1', '.1f', 100)}"
+            f"{' (' + link['form'] + ')' if link.get('form') and link.get('linkage_top1') is not None else ''} | "
+            f"{form_figures(link)} | "
+            f"{_f((link.get('tar_at_fmr') or {}).get('1e-3'), '.1f', 100)} | {_kind(link, 'pair_acc', '.1f', 100)} | "
+            f"{c['payload_bytes']:,} | "
             f"{c['client_ms']:.1f} | {c['server_ms']:.1f} | {_f(p.get('lfw'), '.2f')}"
             f"{' (' + p['as'] + ')' if 'as' in p else ''} | {paper_priv} |"
         )
@@ -876,10 +923,10 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
     if anchors:
         t, ch = anchors["teacher_clean"], anchors["chance"]
         lines.append(f"| *anchor: the judge on clean queries (upper bound)* | | | | | | | | | "
-                     f"{_f(t.get('linkage_top1'), '.1f', 100)} | {_f((t.get('tar_at_fmr') or {}).get('1e-3'), '.1f', 100)} "
-                     "| | | | | |")  # fmt: skip
-        lines.append(f"| *anchor: chance* | | | | | | | | 50.00 | {_f(ch.get('linkage_top1'), '.1f', 100)} | "
-                     f"{_f((ch.get('tar_at_fmr') or {}).get('1e-3'), '.1f', 100)} | | | | | |")  # fmt: skip
+                     f"{_f(t.get('linkage_top1'), '.1f', 100)} | | {_f((t.get('tar_at_fmr') or {}).get('1e-3'), '.1f', 100)} "
+                     f"| {_f(t.get('pair_acc'), '.1f', 100)} | | | | | |")  # fmt: skip
+        lines.append(f"| *anchor: chance* | | | | | | | | 50.00 | {_f(ch.get('linkage_top1'), '.1f', 100)} | | "
+                     f"{_f((ch.get('tar_at_fmr') or {}).get('1e-3'), '.1f', 100)} | 50.0 | | | | | |")  # fmt: skip
     jo = f"{judge_orig.accuracy * 100:.2f} ± {judge_orig.std * 100:.2f} %" if judge_orig is not None else "n/a"
     n_val = next((s.get("n_faces") for r in rows for s in (r.get("attack") or {}).get("kinds", {}).values()
                   if s.get("n_faces")), "?")  # fmt: skip
@@ -895,10 +942,16 @@ def write_report(cfg: StudyConfig, rows: list[dict[str, Any]], path: Path, secon
         "- SSIM (Wang et al. 2004, Gaussian 11, σ 1.5) and PSNR on [0, 1] between held-out faces and the attack's "
         "recovery. `arcface` sends the face itself.",
         "- Linkage: each held-out identity's first face, clean, is the gallery (embedded by the judge); every other "
-        "face, protected, is a query; top-1 = the nearest gallery face is the query's identity.",
+        "face, protected, is a query; top-1 = the nearest gallery face is the query's identity. Forms "
+        "(docs/attack.md): `adapter` (payload → image network → frozen judge), `finetune` (the adapter in front of a "
+        "copy of the judge with every weight trained, FaceLinkGen's code path), `insider` (no training: the server "
+        "protects the gallery face with its own client and embeds both sides with its own recogniser). The linkage "
+        "figure is the strongest form's; 1:1 acc = 10-fold accuracy of (protected, gallery-side) pairs, thresholds "
+        "from the training folds.",
         *[f"- `{r['label']}` sends bit-identical payloads to `{r['attack']['reused_from']}`'s (checked on the timing "
-          f"batch: the same client): every attack sees only the payload, so its attack figures are "
-          f"`{r['attack']['reused_from']}`'s, not re-run." for r in rows if (r.get("attack") or {}).get("reused_from")],
+          f"batch: the same client): its payload-only attacks are `{r['attack']['reused_from']}`'s, not re-run; "
+          "the insider form, which uses the row's own recogniser, is re-run."
+          for r in rows if (r.get("attack") or {}).get("reused_from")],
         "- Client/server time: median over 3 batches of "
         f"{cfg.timing_batch} images on this CPU with {torch.get_num_threads()} thread(s), CPU backends.",
     ]
@@ -984,6 +1037,10 @@ def _argv(cfg: StudyConfig) -> list[str]:
         args.append(f"--attack-kinds {cfg.attack_kinds}")
     if cfg.linkage_steps != StudyConfig.linkage_steps:
         args.append(f"--linkage-steps {cfg.linkage_steps}")
+    if cfg.linkage_form != StudyConfig.linkage_form:
+        args.append(f"--linkage-form {cfg.linkage_form}")
+    if cfg.finetune_steps != StudyConfig.finetune_steps:
+        args.append(f"--finetune-steps {cfg.finetune_steps}")
     for flag, value, default in (("--max-steps-per-epoch", cfg.max_steps_per_epoch, None),
                                  ("--attack-train-images", cfg.attack_train_images, StudyConfig.attack_train_images),
                                  ("--attack-pairs", cfg.attack_pairs, StudyConfig.attack_pairs),
@@ -1024,6 +1081,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attack-pairs", type=int, default=d.attack_pairs)
     ap.add_argument("--attack-kinds", default=d.attack_kinds, help="attack kinds (comma-separated) or all")
     ap.add_argument("--linkage-steps", type=int, default=d.linkage_steps, help="linkage attacker training steps")
+    ap.add_argument("--linkage-form", default=d.linkage_form,
+                    help="linkage forms (comma-separated) or auto: adapter, finetune, insider (the figure is the "
+                         "strongest)")  # fmt: skip
+    ap.add_argument("--finetune-steps", type=int, default=d.finetune_steps,
+                    help="the finetune linkage form's steps with the judge copy unfrozen")
     ap.add_argument("--judge", default=d.judge, help="faceapi | none | a model.pt")
     ap.add_argument("--judge-dir", default=None, help="face-api weights folder (default ../shared/models/faceapi)")
     ap.add_argument("--threads", type=int, default=None)
@@ -1051,6 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
                           methods=tuple(a.methods), epochs=a.epochs, attack_steps=a.attack_steps,
                           attack_train_images=a.attack_train_images, attack_pairs=a.attack_pairs,
                           attack_kinds=a.attack_kinds, linkage_steps=a.linkage_steps, judge=a.judge,
+                          linkage_form=a.linkage_form, finetune_steps=a.finetune_steps,
                           judge_dir=a.judge_dir, threads=a.threads, report=a.report,
                           max_steps_per_epoch=a.max_steps_per_epoch, batch_size=a.batch_size,
                           budget_min=a.budget_min, holdout_ids=a.holdout_ids,

@@ -294,6 +294,59 @@ def test_report_has_training_column_chart_and_command(tmp_path):
     assert pts["minusface"]["linkage"] is None and pts["minusface"]["ssim"] is None
 
 
+def test_report_gives_each_linkage_form_and_the_strongest(tmp_path):
+    from ppfr.study import form_figures, write_report
+
+    row = _fake_row("minusface", "transfer+distill", 0.75, 0.37, 0.3)
+    forms = {"adapter": {"linkage_top1": 0.22}, "finetune": {"linkage_top1": 0.25},
+             "insider": {"linkage_top1": 0.37}}  # fmt: skip
+    row["attack"]["kinds"]["linkage"].update(form="insider", strongest="insider", forms=forms, pair_acc=0.7)
+    assert form_figures(row["attack"]["kinds"]["linkage"]) == "22.0 / 25.0 / 37.0"
+    assert form_figures({"forms": {"adapter": {"linkage_top1": 0.1}, "insider": {"skipped": "no server"}}}) \
+        == "10.0 / – / skipped"
+    cfg = StudyConfig(data="d", pairs="p", out=str(tmp_path / "out"), configs=str(ROOT / "configs"))
+    write_report(cfg, [row], tmp_path / "r.md", 1.0, None, None, [])
+    text = (tmp_path / "r.md").read_text()
+    assert "| 37.0 (insider) | 22.0 / 25.0 / 37.0 |" in text and "| 70.0 |" in text
+    assert "linkage top-1 37.0 % (7× chance) (by the insider form)" in text
+
+
+def test_reused_row_reruns_the_insider_with_its_own_recogniser(tmp_path):
+    """A transfer row with its scratch row's payload reuses the payload-only attacks, but the insider links with the
+    row's own server: it is re-run and the strongest form recomputed."""
+    from ppfr.eval.attacks.common import AttackConfig, FaceSet, Judge, resolve_target
+    from ppfr.methods import build_method
+    from ppfr.study import refresh_insider
+
+    torch.manual_seed(0)
+    method = build_method("arcface", depth=18, width=2)
+    model_pt = tmp_path / "m" / "model.pt"
+    model_pt.parent.mkdir()
+    torch.save({"model": method.state_dict(), "method": "arcface",
+                "method_options": {"depth": 18, "width": 2}}, model_pt)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    imgs = (torch.rand(12, 3, 112, 112, generator=g) * 255).to(torch.uint8)
+
+    class Src:
+        path = "synthetic"
+
+    val = FaceSet(imgs, torch.arange(4).repeat_interleave(3), Src())
+    old = {"linkage_top1": 0.9, "skipped": None}
+    res = {"label": "arcface_transfer", "kinds": {"linkage": {
+        "applies": True, "linkage_top1": 0.9, "form": "adapter", "secrets": "fresh",
+        "forms": {"adapter": {"linkage_top1": 0.1}, "insider": old}}}}  # fmt: skip
+    (tmp_path / "arcface_transfer").mkdir()
+    (tmp_path / "arcface_transfer" / "result.json").write_text(json.dumps(res))
+    target = dataclasses.replace(resolve_target(str(model_pt)), label="arcface_transfer")
+    acfg = AttackConfig(linkage_topk=1, eval_batch_size=4)
+    out = refresh_insider(target, tmp_path, val, val, acfg, Judge("toy", embed=lambda x: x.flatten(1)[:, :8]), None)
+    link = out["kinds"]["linkage"]
+    new = link["forms"]["insider"]["linkage_top1"]
+    assert new != 0.9 and link["forms"]["adapter"] == {"linkage_top1": 0.1}
+    assert link["linkage_top1"] == max(new, 0.1) and link["strongest"] == ("insider" if new >= 0.1 else "adapter")
+    assert json.loads((tmp_path / "arcface_transfer" / "result.json").read_text())["insider_rerun"] is True
+
+
 def test_budget_study_plans_prints_and_skips_what_does_not_fit(tmp_path, monkeypatch):
     import ppfr.study as study
 
