@@ -86,6 +86,36 @@ def test_eval_binary_data_file_is_one_line(tmp_path, tiny, capsys):
     _one_line_error(capsys, rc, str(pkl), "--data")
 
 
+def test_a_folder_where_a_pair_list_is_expected_is_one_line(tmp_path, tiny, capsys):
+    """The common slip: the image folder passed as the pair list, to ``ppfr eval --data`` or ``eval.pairs``."""
+    folder = tmp_path / "faces"
+    (folder / "id0").mkdir(parents=True)
+    _one_line_error(capsys, ppfr_main(["train", str(tiny), f"eval.pairs={folder}"]), "eval.pairs", str(folder))
+    assert ppfr_main(["train", str(tiny)]) == 0
+    model = tiny.parent / "runs" / "tiny" / "model.pt"
+    capsys.readouterr()
+    rc = ppfr_main(["eval", str(model), "--data", str(folder), "--out", str(tmp_path / "ev")])
+    _one_line_error(capsys, rc, str(folder))
+
+
+def test_train_unknown_config_name_lists_the_shipped_configs(capsys):
+    _one_line_error(capsys, ppfr_main(["train", "partialface_tiyn"]), "partialface_tiyn", "partialface_tiny")
+
+
+def test_train_finds_a_shipped_config_by_name_anywhere(tmp_path, monkeypatch):
+    """``ppfr train partialface_tiny`` (and the README's ``configs/partialface_tiny.yaml``) outside a clone."""
+    from ppfr.train.config import find_config, load_config
+
+    monkeypatch.chdir(tmp_path)
+    path = find_config("partialface_tiny")
+    assert path.name == "partialface_tiny.yaml" and path.is_file()
+    assert find_config("partialface_tiny.yaml") == find_config("configs/partialface_tiny.yaml") == path
+    cfg = load_config("partialface_tiny", ["data.num_samples=64"])
+    assert cfg.name == "partialface_tiny" and cfg.method == "partialface"
+    (tmp_path / "mine.yaml").write_text("name: mine\n")  # a file that exists is taken as given
+    assert find_config("mine.yaml") == Path("mine.yaml")
+
+
 def test_train_help_lists_every_config_key_with_its_default(capsys):
     import dataclasses
 

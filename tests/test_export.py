@@ -386,10 +386,9 @@ def test_build_engine_without_tensorrt_raises(exported, tmp_path, monkeypatch):
     assert rc == 2 and not (tmp_path / "trt" / "server.engine").exists()
 
 
+@pytest.mark.cuda  # TensorRT engines need a CUDA device
 def test_build_engine_tensorrt(exported, tmp_path):
     pytest.importorskip("tensorrt")
-    if not torch.cuda.is_available():
-        pytest.skip("TensorRT engines need a CUDA device")
     from ppfr.deploy.tensorrt import build_engine, read_sidecar
 
     import shutil

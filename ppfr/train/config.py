@@ -110,6 +110,9 @@ class EvalConfig:
             raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
         if self.max_pairs is not None and self.max_pairs < 1:
             raise ConfigError(f"eval.max_pairs must be None or >= 1, got {self.max_pairs}")
+        if self.pairs is not None and Path(self.pairs).is_dir():  # the common slip: the image folder
+            raise ConfigError(f"eval.pairs: {self.pairs} is a folder; expected a pair list (LFW pairs.txt or 'fold "
+                              "same path_a path_b' lines, e.g. from `ppfr data pairs`) or an insightface .bin")
 
 
 @dataclass(frozen=True)
