@@ -383,6 +383,7 @@ def _check_npz_sizes(path: Path) -> None:
 def _read(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
     """Read and fully check a gallery file; GalleryError saying what is wrong otherwise."""
     def bad(why: str) -> GalleryError:
+        why = " ".join(why.split())  # parsers' messages may quote the file's bytes: one line, always
         return GalleryError(f"gallery file {path} is unusable: {why}. Restore it from a backup, or move it away "
                             "to start an empty gallery (the server never overwrites an unreadable one)")  # fmt: skip
 
@@ -394,8 +395,10 @@ def _read(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
             emb, labels, meta_bytes = z["embeddings"], z["labels"], z["meta"]
     except GalleryError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        # truncated or garbled zip, an object array (refused by allow_pickle=False), not an npz at all
+    except Exception as exc:
+        # truncated or garbled zip (zipfile raises BadZipFile, EOFError, NotImplementedError for an unknown zip
+        # version, RuntimeError for an "encrypted" member, zlib.error...), an object array (refused by
+        # allow_pickle=False), not an npz at all: whatever the bytes make the parsers raise, the file is unusable
         raise bad(f"{type(exc).__name__}: {exc}") from None
     try:
         meta = json.loads(meta_bytes.tobytes().decode("utf-8"))
