@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _refused(exc: Exception) -> int:
-    print(f"ppfr data: refused: {exc}", file=sys.stderr)
+    msg = " ".join(str(exc).splitlines())  # a message quoting the file's bytes still prints as one line
+    print(f"ppfr data: refused: {msg}", file=sys.stderr)
     return EXIT_REFUSED
 
 
