@@ -364,7 +364,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             label = f"templates ({Path(args.ijb_dir).name}, {_tta(args.ijb_flip)})"
             reading = f"--ijb-dir {args.ijb_dir}"
             metrics["ijb"], curves[label] = _ijb(meter, args)
-    except (CheckpointError, DataFormatError, FileNotFoundError) as exc:
+    except DataFormatError as exc:  # a file the data layer refuses: say which argument named it
+        print(f"ppfr eval: {reading.split()[0]}: {exc}", file=sys.stderr)
+        return 2
+    except (CheckpointError, FileNotFoundError) as exc:
         print(f"ppfr eval: {exc}", file=sys.stderr)
         return 2
     except UnicodeDecodeError as exc:  # a binary file (a .pkl, an image, ...) where a text listing was expected
