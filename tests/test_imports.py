@@ -41,7 +41,8 @@ MODULES = _modules()
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(name: str, path: Path, *, lazy: bool) -> set[str]:
@@ -123,7 +124,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_walk_sees_every_module():
     assert {"ppfr", "ppfr.cli", "ppfr.deploy.serve", "ppfr.kernels", "ppfr.pipelines.dali", "ppfr.configs"} - set(
-        MODULES) == {"ppfr.configs"}  # configs/ is data, not a module
+        MODULES
+    ) == {"ppfr.configs"}  # configs/ is data, not a module
     assert len(MODULES) > 80
 
 

@@ -180,7 +180,7 @@ def test_tensorboard_events_or_clear_error(tmp_path):
     try:
         import tensorboard  # noqa: F401
     except ImportError:
-        with pytest.raises(RuntimeError, match="needs the tensorboard package"):
+        with pytest.raises(ImportError, match=r"needs the tensorboard package \(pip install 'ppfr\[train\]'\)"):
             Trainer(cfg, quiet=True).fit()
         return
     Trainer(cfg, quiet=True).fit()

@@ -82,7 +82,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"{'transform':<38}{'backend':<9}{'ms':>9}{'img/s':>10}  output")
     ref_n = min(b, 8)
     _, t_ref = _timed(lambda: freq.freq_encode_ref(x[:ref_n]), repeat=1)
-    print(f"{'e(X), all 192 channels (reference)':<38}{'ref':<9}{t_ref * 1e3:9.1f}{ref_n / t_ref:10.1f}  on {ref_n} images")
+    print(
+        f"{'e(X), all 192 channels (reference)':<38}{'ref':<9}{t_ref * 1e3:9.1f}{ref_n / t_ref:10.1f}  on {ref_n} images"
+    )
     cases = [
         ("e(X), all 192 channels", None),
         ("DuetFace client, 30 low channels", duet_client),
@@ -112,8 +114,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rank_only = freq.freq_decode(torch.stack([full[i, ranks[i]] for i in range(n)]), ranks[:n])
     out = Path(args.out) / "demo_freq.png"
     _save_grid([x[:n] * 0.5 + 0.5, rec[:n], _stretch(server_only), _stretch(rank_only), shuf[:n]], out)
-    print(f"wrote {out}: rows = input, d(e(X)), DuetFace server view, PartialFace rank view (both contrast-"
-          "stretched: high frequencies of the 8x up-sampled image are faint), MinusFace-style shuffled decode")
+    print(
+        f"wrote {out}: rows = input, d(e(X)), DuetFace server view, PartialFace rank view (both contrast-"
+        "stretched: high frequencies of the 8x up-sampled image are faint), MinusFace-style shuffled decode"
+    )
     return 0
 
 

@@ -19,7 +19,11 @@ def synthetic_faces(n: int, size: int = 112, seed: int = 0) -> torch.Tensor:
         eyes = sum(torch.exp(-((xx - s * (0.3 + 0.05 * r[2])) ** 2 + (yy + 0.2) ** 2) / 0.005) for s in (-1, 1))
         mouth = torch.exp(-((xx / 0.25) ** 2 + ((yy - 0.45 - 0.05 * r[3]) / 0.05) ** 2))
         tone = torch.tensor([0.85, 0.65, 0.55]) * (0.8 + 0.4 * r[4])
-        img = face[None] * tone[:, None, None] - 0.6 * eyes[None] - 0.4 * mouth[None] * torch.tensor([0.2, 1, 1])[:, None, None]
+        img = (
+            face[None] * tone[:, None, None]
+            - 0.6 * eyes[None]
+            - 0.4 * mouth[None] * torch.tensor([0.2, 1, 1])[:, None, None]
+        )
         img = img + 0.15 * (1 - face[None]) * r[5] + 0.02 * torch.randn(3, size, size, generator=g)
         imgs.append(img.clamp(0, 1) * 2 - 1)
     return torch.stack(imgs)

@@ -53,7 +53,8 @@ def faiss_module() -> Any:
     try:
         import faiss  # type: ignore[import-not-found]
     except ImportError:
-        raise ImportError("the gallery's vector index needs faiss: pip install faiss-cpu") from None
+        raise ModuleNotFoundError("the gallery's vector index needs faiss: pip install 'ppfr[serve]' (or faiss-cpu)",
+                                  name="faiss") from None  # fmt: skip
     return faiss
 
 

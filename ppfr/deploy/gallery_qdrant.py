@@ -38,7 +38,8 @@ def _qdrant() -> tuple[Any, Any]:
     try:
         from qdrant_client import QdrantClient, models
     except ImportError:
-        raise ImportError("the qdrant gallery backend needs qdrant-client: pip install qdrant-client") from None
+        raise ModuleNotFoundError("the qdrant gallery backend needs qdrant-client: pip install 'ppfr[fleet]'",
+                                  name="qdrant_client") from None  # fmt: skip
     return QdrantClient, models
 
 

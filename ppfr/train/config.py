@@ -400,7 +400,8 @@ def find_config(path: str | Path) -> Path:
         if stem in shipped:
             return shipped[stem]
     names = ", ".join(n for n in shipped if not n.endswith("base")) or "none found"
-    raise ConfigError(f"no config {str(path)!r}: pass a YAML file or the name of a config that ships with ppfr: {names}")
+    raise ConfigError(f"no config {str(path)!r}: pass a YAML file or the name of a config that ships with ppfr: "
+                      f"{names}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

@@ -42,10 +42,11 @@ class TrainLog:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
+            except ImportError as exc:  # a ModuleNotFoundError naming its module: `ppfr train` says which extra
                 self.close()
-                raise RuntimeError("tensorboard: true needs the tensorboard package (pip install tensorboard); "
-                                   f"importing it failed: {exc}") from None  # fmt: skip
+                msg = ("tensorboard: true needs the tensorboard package (pip install 'ppfr[train]'); "
+                       f"importing it failed: {exc}")
+                raise ModuleNotFoundError(msg, name=exc.name) from None
             self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
 
     def message(self, msg: str) -> None:
