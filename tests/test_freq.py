@@ -176,6 +176,19 @@ def test_decode_partial_channels_and_fused_permutation(backend):
     torch.testing.assert_close(got1, freq_decode_ref(full[:, :100], torch.arange(100), perm[0]), rtol=0, atol=1e-5)
 
 
+def test_references_keep_float32_under_autocast():
+    """Inside bf16 autocast the references stay literal in their input dtype (as the fused backends do): a
+    PartialFace payload built by the `ref` backend must still be the float32 its spec declares."""
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    want_e = freq_encode_ref(x, [0, 5, 191])
+    want_d = freq_decode_ref(want_e, [0, 5, 191])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        e = freq_encode_ref(x, [0, 5, 191])
+        d = freq_decode_ref(e, [0, 5, 191])
+    assert e.dtype == d.dtype == torch.float32
+    assert torch.equal(e, want_e) and torch.equal(d, want_d)
+
+
 def test_roundtrip_error_matches_spec():
     # METHODS §2.3: d(e(X)) is not the identity; RMSE ~1e-4 on smooth images, ~0.027 on white noise ([0,1]).
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 112), torch.linspace(0, 1, 112), indexing="ij")

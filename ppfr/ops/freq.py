@@ -19,6 +19,7 @@ once at the end (more accurate than the reference run in half precision).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -108,6 +109,19 @@ def _select(full: torch.Tensor, channels: Optional[torch.Tensor]) -> torch.Tenso
     return full.gather(1, channels[:, :, None, None].expand(b, channels.shape[1], h, w))
 
 
+def _outside_autocast(fn):
+    """Run a reference in its input's dtype even inside ``torch.autocast``: autocast would run its einsum and
+    matmuls in bf16/fp16 and return that dtype, where the fused backends (and the payload spec) keep float32."""
+
+    @functools.wraps(fn)
+    def wrapper(t: torch.Tensor, *args, **kwargs):
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            return fn(t, *args, **kwargs)
+
+    return wrapper
+
+
+@_outside_autocast
 def freq_encode_ref(x: torch.Tensor, channels: ChannelsLike = None) -> torch.Tensor:
     """Literal reference of e(X) (METHODS §2.1): up-sample 8x, YCbCr, -128, 8x8 block DCT, select.
 
@@ -115,7 +129,7 @@ def freq_encode_ref(x: torch.Tensor, channels: ChannelsLike = None) -> torch.Ten
         x: (B, 3, H, W) float RGB in [-1, 1].
         channels: None (all 192), (K,) or (B, K) channel indices in [0, 192).
     Returns:
-        (B, K, H, W) raw DCT coefficients in ``x.dtype`` (Y-DC spans about +-1024).
+        (B, K, H, W) raw DCT coefficients in ``x.dtype`` (Y-DC spans about +-1024), also under autocast.
     """
     check_planes("x", x, 3)
     ch = normalize_channels(channels, x.shape[0], x.device)
@@ -132,6 +146,7 @@ def freq_encode_ref(x: torch.Tensor, channels: ChannelsLike = None) -> torch.Ten
     return _select(full, ch)
 
 
+@_outside_autocast
 def _decode_ref_linear(f: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     b, k, h, w = f.shape
     dt = f.dtype
