@@ -815,21 +815,21 @@ class LinkageAttack(Attack):
         for form in forms:
             t0 = time.perf_counter()
             if form == "insider":
-                sections[form] = self._insider(ctx, anchor, t0)
+                sections[form] = self.run_insider(ctx, anchor, t0)
                 continue
             if ctx.judge is None:
                 sections[form] = _skipped(self.NO_TEACHER, form)
                 continue
             try:
                 if form == "finetune" and adapter is None:
-                    adapter, _ = self._train(ctx, "adapter")  # the frozen first phase
+                    adapter, _ = self.train_form(ctx, "adapter")  # the frozen first phase
                 if form == "finetune":
                     with frozen_teacher(ctx.judge), torch.random.fork_rng(devices=self._devices(ctx)):
                         torch.manual_seed(cfg.seed + 1)
                         linker, summary = finetune_linker(adapter, ctx.method, ctx.judge, ctx.train, cfg,
                                                           ctx.device, ctx.log)  # fmt: skip
                 else:
-                    linker, summary = self._train(ctx, form)
+                    linker, summary = self.train_form(ctx, form)
             except AttackError as exc:
                 if form != "finetune":
                     raise
@@ -837,7 +837,7 @@ class LinkageAttack(Attack):
                 continue
             if form == "adapter":
                 adapter = linker
-            sec, images = self._score(ctx, linker, summary, anchor, t0)
+            sec, images = self.score_linker(ctx, linker, summary, anchor, t0)
             if images is not None and grid_images is None:
                 grid_images = images
             sections[form] = sec
@@ -853,7 +853,7 @@ class LinkageAttack(Attack):
     def _devices(ctx: AttackContext) -> list:
         return [ctx.device] if torch.device(ctx.device).type == "cuda" else []
 
-    def _train(self, ctx: AttackContext, form: str) -> tuple[Linker, dict[str, Any]]:
+    def train_form(self, ctx: AttackContext, form: str) -> tuple[Linker, dict[str, Any]]:
         """Build (from ``cfg.linkage_init`` where given) and train an adapter or student linker."""
         cfg, log = ctx.cfg, ctx.log
         # Parameter init (and the student's dropout) draw from the global RNG: seed it for reproducibility and
@@ -873,7 +873,7 @@ class LinkageAttack(Attack):
             summary = train_linker(linker, ctx.method, ctx.judge, ctx.train, cfg, ctx.device, log)
         return linker, summary
 
-    def _score(self, ctx: AttackContext, linker: Linker, summary: dict[str, Any], anchor: torch.Tensor,
+    def score_linker(self, ctx: AttackContext, linker: Linker, summary: dict[str, Any], anchor: torch.Tensor,
                t0: float) -> tuple[dict[str, Any], torch.Tensor | None]:  # fmt: skip
         cfg = ctx.cfg
         grid = ctx.grid_index() if linker.produces_images else None
@@ -894,7 +894,7 @@ class LinkageAttack(Attack):
         self._log(ctx, sec)
         return sec, images
 
-    def _insider(self, ctx: AttackContext, anchor: torch.Tensor | None, t0: float) -> dict[str, Any]:
+    def run_insider(self, ctx: AttackContext, anchor: torch.Tensor | None, t0: float) -> dict[str, Any]:
         cfg = ctx.cfg
         try:
             queries, refs = insider_embeddings(ctx)
