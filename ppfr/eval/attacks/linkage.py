@@ -563,6 +563,17 @@ def centred(emb: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
     return emb if mean is None else emb - mean
 
 
+class _FinetuneNet(nn.ModuleDict):
+    """The finetune form's trainable modules: ``adapter`` and ``teacher`` (the copy). ``train()`` leaves the copy in
+    eval mode: its weights train, its BatchNorm statistics (where it has any) stay the pretrained teacher's, as
+    small payload batches would otherwise overwrite them."""
+
+    def train(self, mode: bool = True) -> _FinetuneNet:
+        super().train(mode)
+        self["teacher"].eval()
+        return self
+
+
 def finetune_linker(adapter: Linker, method: Method, judge: Judge, train: FaceSet, cfg: AttackConfig,
                     device: torch.device | str = "cpu",
                     log: Callable[[str], None] | None = print) -> tuple[Linker, dict[str, Any]]:  # fmt: skip
@@ -580,7 +591,7 @@ def finetune_linker(adapter: Linker, method: Method, judge: Judge, train: FaceSe
     teacher = judge.trainable_copy()
     if teacher is None:
         raise AttackError("finetune needs a teacher whose network is known (faceapi or a model.pt)")
-    net = nn.ModuleDict({"adapter": copy.deepcopy(adapter.net), "teacher": teacher.module})
+    net = _FinetuneNet({"adapter": copy.deepcopy(adapter.net), "teacher": teacher.module})
     linker = Linker("finetune", net, adapter.inverter, teacher)
     if cfg.linkage_init:  # the adapter took its part of the init before its own training
         load_linker_init(linker, cfg.linkage_init, log, only="teacher.")
@@ -627,8 +638,8 @@ def finetune_linker(adapter: Linker, method: Method, judge: Judge, train: FaceSe
     name, _, state, zmean = picks[best]
     net.load_state_dict(state)
     net.eval()
-    if use_centre:
-        linker.centre = (zmean, targets.all().mean(0))
+    if use_centre:  # both means over public faces: the selection faces, protected / clean
+        linker.centre = (zmean, sel_clean.mean(0))
     summary["selection"] = {"split": {"fit_faces": len(fit), "select_faces": len(sel),
                                       "select_identities": int(len(s_gal))},
                             "candidates": {n: t for n, t, _, _ in picks}, "chosen": name,
