@@ -4,7 +4,7 @@ Synthetic, clustered embeddings: 1000 random unit centres (think demographic gro
 at cosine ~0.7 from its centre (so neighbours are close, which is what makes approximate search miss); a probe
 is an identity's vector plus noise (cosine ~0.9 to it: a new photo). One embedding per identity.
 
-Indexes: ``flat`` (exact), ``hnsw`` and ``ivf`` (approximate; see ``ppfr.deploy.gallery_index``).
+Indexes: ``flat`` (exact), ``hnsw`` and ``ivf`` (approximate; see ``ppfr.deploy.gallery.index``).
 
 Recorded per (size, index):
 * ``gallery_enrol_<n>``: one enrolment (one new identity, 3 templates: one SQLite transaction with

@@ -34,7 +34,7 @@ import torch
 from benchmarks.conftest import measure, require_ratio
 from ppfr.deploy.client import Client, encode_payload, protect_images
 from ppfr.deploy.gallery import Gallery
-from ppfr.deploy.serve import RecognitionServer, ServeConfig
+from ppfr.deploy.server import RecognitionServer, ServeConfig
 from ppfr.methods import build_method
 from ppfr.train.config import load_config
 
@@ -85,7 +85,7 @@ def latency_table(request):
 def _bench(benchmark, method, runner, tmp_path, *, case: str, provider: str, n_clients: int, stack: str,
            fmt: str, key: tuple[str, str]) -> None:  # fmt: skip
     from ppfr.deploy import wire
-    from ppfr.deploy.app import AsgiServer
+    from ppfr.deploy.server.asgi import AsgiServer
 
     gen = torch.Generator().manual_seed(0)
     faces = torch.rand(100, 3, 112, 112, generator=gen) * 2 - 1
@@ -136,7 +136,7 @@ def _bench(benchmark, method, runner, tmp_path, *, case: str, provider: str, n_c
 @pytest.mark.parametrize("load", list(LOADS))
 @pytest.mark.parametrize("provider", ["eager", "onnxruntime"])
 def test_serving_throughput(benchmark, model, provider, load, tmp_path):
-    from ppfr.deploy.runner import load_runner
+    from ppfr.deploy.runtime import load_runner
 
     method, pt, onnx_path = model
     threads = torch.get_num_threads()
@@ -149,7 +149,7 @@ def test_serving_throughput(benchmark, model, provider, load, tmp_path):
 @pytest.mark.parametrize("fmt", ["json", "raw", "float16", "int8"])
 @pytest.mark.parametrize("stack", ["asgi", "stdlib"])
 def test_serving_wire(benchmark, model, stack, fmt, tmp_path):
-    from ppfr.deploy.runner import load_runner
+    from ppfr.deploy.runtime import load_runner
 
     method, pt, _ = model
     _bench(benchmark, method, load_runner(pt, backend="eager"), tmp_path, case=f"serve_wire_{stack}", provider=fmt,
@@ -172,7 +172,7 @@ def encoding_accuracy(model_pt: str | Path, pairs_file: str | Path,
     between each image's embedding through that encoding and through ``raw`` (1 = unchanged).
     """
     from ppfr.deploy import wire
-    from ppfr.deploy.runner import load_runner
+    from ppfr.deploy.runtime import load_runner
     from ppfr.eval.verification import embed_source, open_pairs, ten_fold
     from ppfr.methods import load_method
 

@@ -18,14 +18,12 @@ import ppfr
 import ppfr.cli
 from ppfr._backend import BackendUnavailableError
 from ppfr.data.synthetic import synthetic_faces
-from ppfr.deploy import meta
+from ppfr.deploy.export import metadata as meta
 from ppfr.deploy.export import (
     ExportError, check_parity, export_mode, export_onnx, graph_io, load_source, random_inputs, read_onnx_metadata,
     sample_inputs,
 )  # fmt: skip
-from ppfr.deploy.runner import (
-    EagerRunner, OnnxRuntimeRunner, load_client_runner, load_runner, validate_inputs,
-)  # fmt: skip
+from ppfr.deploy.runtime import EagerRunner, OnnxRuntimeRunner, load_client_runner, load_runner, validate_inputs
 from ppfr.methods import build_method
 
 TOL = 1e-4  # max abs difference of L2-normalised embeddings, eager vs ONNX Runtime
@@ -40,7 +38,7 @@ OPTS = {
 def _one_thread():
     """One intra-op thread for torch and ONNX Runtime: on the shared 2-core machine, spinning thread pools of
     several processes slow every one of them down far more than one thread each does."""
-    from ppfr.deploy import runner
+    from ppfr.deploy.runtime import runners as runner
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -296,12 +294,12 @@ def test_runner_input_validation(exported):
     cases = [
         ({k: v for k, v in good.items() if k != "roi"}, "missing \\['roi'\\]"),
         ({**good, "extra": good["roi"]}, "unexpected \\['extra'\\]"),
-        ({**good, "dct": good["dct"].astype(np.float64)}, "'dct' must be float32, got float64"),
+        ({**good, "dct": good["dct"].astype(np.float64)}, "'dct' must be \\(B, 162, 112, 112\\) float32, got .* float64"),
         ({**good, "feat1": good["feat1"][:, :64]}, "'feat1' must be \\(B, 128, 14, 14\\)"),
         ({**good, "feat2": good["feat2"][0]}, "'feat2' must be \\(B, 128, 7, 7\\)"),
         ({**good, "feat0": good["feat0"][:1]}, "disagree on the batch size"),
         ({**good, "roi": good["roi"] + 1.5}, "'roi' has values above 1.0"),
-        ({**good, "roi": np.full_like(good["roi"], np.nan)}, "'roi' contains NaN"),
+        ({**good, "roi": np.full_like(good["roi"], np.nan)}, "'roi' has non-finite values"),
         ({**good, "dct": torch.from_numpy(good["dct"])}, "'dct' must be a numpy array"),
         ({k: v[:0] for k, v in good.items()}, "empty batch"),
         ([good["dct"]], "must be a dict"),
@@ -346,7 +344,7 @@ def test_triton_tensorrt_plan_config(exported, tmp_path):
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    from ppfr.deploy.triton import write_triton_model
+    from ppfr.deploy.export.model_repository import write_triton_model
 
     _, onnx_path = exported("profacec")
     engine = tmp_path / "server.engine"
@@ -367,7 +365,7 @@ def test_triton_tensorrt_plan_config(exported, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ TensorRT
 def test_build_engine_without_tensorrt_raises(exported, tmp_path, monkeypatch):
-    from ppfr.deploy.tensorrt import build_engine
+    from ppfr.deploy.export.tensorrt import build_engine
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, also where it is installed
     _, path = exported("arcface")
@@ -389,7 +387,7 @@ def test_build_engine_without_tensorrt_raises(exported, tmp_path, monkeypatch):
 @pytest.mark.cuda  # TensorRT engines need a CUDA device
 def test_build_engine_tensorrt(exported, tmp_path):
     pytest.importorskip("tensorrt")
-    from ppfr.deploy.tensorrt import build_engine, read_sidecar
+    from ppfr.deploy.export.tensorrt import build_engine, read_sidecar
 
     import shutil
 

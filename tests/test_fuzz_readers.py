@@ -31,7 +31,8 @@ from hypothesis import strategies as st
 from ppfr.cli import main as ppfr_main
 from ppfr.data import DataFormatError, binset, open_source, pairs, recordio, scan, tfrecord
 from ppfr.data._common import MAX_LABEL
-from ppfr.deploy.gallery import Gallery, GalleryError, _read
+from ppfr.deploy.gallery import Gallery, GalleryError
+from ppfr.deploy.gallery.npz import _read
 
 EXAMPLES = int(os.environ.get("PPFR_FUZZ_EXAMPLES", "120"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="PPFR_FUZZ_EXAMPLES" not in os.environ,

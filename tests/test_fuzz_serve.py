@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 from ppfr.deploy import wire
-from ppfr.deploy.app import AsgiServer
-from ppfr.deploy.serve import RecognitionServer, ServeConfig
+from ppfr.deploy.server.asgi import AsgiServer
+from ppfr.deploy.server import RecognitionServer, ServeConfig
 from ppfr.methods.base import SCHEMA_VERSION
 
 TOKEN = "fuzz-token-0123456789"

@@ -31,8 +31,8 @@ VERBS: dict[str, Verb] = {
     "eval": Verb("ppfr.eval.cli", "verification / template evaluation of a trained model or the face-api judge"),
     "attack": Verb("ppfr.eval.attacks.cli", "privacy attacks on a method's payload: inversion, linkage, recovery"),
     "study": Verb("ppfr.study", "train, evaluate and attack every method on one dataset; write a report"),
-    "export": Verb("ppfr.deploy.cli", "export a model to ONNX / TensorRT / Triton"),
-    "serve": Verb("ppfr.deploy.serve", "serve a method over HTTP: enrol / verify / identify protected payloads"),
+    "export": Verb("ppfr.deploy.export.cli", "export a model to ONNX / TensorRT / Triton"),
+    "serve": Verb("ppfr.deploy.server.launch", "serve a method over HTTP: enrol / verify / identify protected payloads"),
     "client": Verb("ppfr.deploy.client", "protect faces locally and enrol/verify/identify them on a ppfr server"),
     "gallery": Verb("ppfr.deploy.gallery", "gallery maintenance: import a gallery.npz into sqlite / qdrant"),
 }  # fmt: skip

@@ -1,5 +1,5 @@
 """The HTTP interface of ``ppfr serve`` as data: one table of endpoints that both stacks route from (the stdlib
-``RecognitionServer`` and the FastAPI app of ``ppfr.deploy.app``), and the OpenAPI document generated from it, which
+``RecognitionServer`` and the FastAPI app of ``ppfr.deploy.server.asgi``), and the OpenAPI document generated from it, which
 both serve at ``GET /openapi.json`` (the ASGI stack also renders it at ``/docs``).
 
 The document is typed so that a client generator or a contract test (schemathesis runs against both stacks in the
@@ -16,11 +16,13 @@ its dtype and shape need, and its names, dtypes and per-sample shapes must be th
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ppfr.deploy import wire
-from ppfr.deploy.gallery import MAX_NAME_LEN
+from ppfr.deploy.gallery.helpers import MAX_NAME_LEN
 
 MAX_TOP_K = 100
 BEARER = "bearerAuth"
@@ -168,3 +170,18 @@ def openapi() -> dict:
                                                     "description": "the server's access token"}}},
         "security": [{BEARER: []}],
     }  # fmt: skip
+
+
+def read_token(token: str | None, token_file: str | None) -> str:
+    """--token, else --token-file (first line), else $PPFR_TOKEN; an error if none is given."""
+    if token and token_file:
+        raise SystemExit("give --token or --token-file, not both")
+    if token_file:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SystemExit(f"cannot read --token-file: {exc}") from None
+    token = token or os.environ.get("PPFR_TOKEN", "")
+    if not token:
+        raise SystemExit("an access token is required: --token-file FILE (preferred), --token or $PPFR_TOKEN")
+    return token

@@ -1,4 +1,4 @@
-"""The recognition client: protect faces locally, send only the payload; the wire format; ``ppfr client``.
+"""The recognition client SDK: protect faces locally, send only the payload; ``ppfr client``.
 
 The client loads the method from the trained ``model.pt`` (its client half: the frequency transform, DuetFace's and
 PRO-Face C's client networks), reads aligned 112x112 RGB faces, runs ``method.protect`` and sends the resulting
@@ -8,14 +8,8 @@ whose payload *is* the image).
 Wire formats (no pickle anywhere). The client sends the binary format of ``ppfr.deploy.wire`` by default
 (``Content-Type: application/x-ppfr``: a msgpack header, then the tensors' raw little-endian bytes; optionally
 float16 or int8 encoded, ``Client(..., encoding=)``). The server also accepts the older JSON format, which
-``Client(..., wire="json")`` sends and ``encode_payload`` / ``decode_payload`` implement::
-
-    {"method": "partialface", "schema_version": 1,
-     "tensors": {"dct": {"dtype": "float32", "shape": [1, 27, 112, 112], "data": "<base64 of the raw bytes>"}}}
-
-``data`` is the tensor's C-order bytes, little-endian, standard base64 (RFC 4648 with padding). ``decode_payload``
-checks everything a peer controls (types, dtype names, shapes against the byte count) before allocating anything.
-Answers are JSON in both cases.
+``Client(..., wire="json")`` sends; its codec (``encode_payload`` / ``decode_payload``, re-exported here) is
+``ppfr.deploy.protocol``'s. Answers are JSON in both cases.
 
 Randomness: PartialFace draws a random rank per image and MinusFace a random shuffle; that randomness is part of
 the protection. ``Client``/``protect_images`` therefore seed ``protect`` from the OS (``secrets``) unless a seed is
@@ -24,10 +18,8 @@ given. A fixed seed makes payloads reproducible (tests, benchmarks) and should n
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
-import os
 import secrets
 import socket
 import sys
@@ -39,84 +31,15 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ppfr.deploy import wire as wirefmt
-from ppfr.deploy.wire import MAX_RANK, WIRE_DTYPES, DeclaredTensor, WireError
+from ppfr.deploy.api import read_token
+from ppfr.deploy.protocol import (  # the JSON codec, re-exported: part of the SDK
+    MAX_RANK, WIRE_DTYPES, WireError, decode_payload, decode_tensor, encode_payload, encode_tensor, read_payload,
+    read_tensor,
+)  # fmt: skip
 
 __all__ = ["Client", "ServerError", "WireError", "decode_payload", "decode_tensor", "encode_payload",
            "encode_tensor", "protect_images", "read_faces", "read_payload", "read_tensor", "read_token", "WIRE_DTYPES",
            "MAX_RANK"]
-
-
-def encode_tensor(a: Any) -> dict:
-    """A numpy array or torch tensor -> {"dtype", "shape", "data"} with little-endian base64 bytes."""
-    if hasattr(a, "detach"):  # torch.Tensor, without importing torch here
-        a = a.detach().cpu().contiguous().numpy()
-    a = np.asarray(a)
-    if a.dtype.name not in WIRE_DTYPES:
-        raise WireError(f"dtype {a.dtype} cannot be sent; wire dtypes: {sorted(WIRE_DTYPES)}")
-    le = np.ascontiguousarray(a, dtype=WIRE_DTYPES[a.dtype.name])
-    return {"dtype": a.dtype.name, "shape": list(a.shape), "data": base64.b64encode(le.tobytes()).decode("ascii")}
-
-
-def decode_tensor(obj: Any, where: str = "tensor") -> np.ndarray:
-    """The inverse of encode_tensor, refusing anything malformed with a WireError naming ``where``."""
-    return read_tensor(obj, "tensor", where).decode()
-
-
-def read_tensor(obj: Any, name: str, where: str) -> DeclaredTensor:
-    """A JSON tensor object -> its checked dtype and shape, decoded on demand (``DeclaredTensor``). The declared
-    name, dtype and shape go through the binary codec's check (``wire.check_declared``), and the base64 text's
-    length must be exactly what they need, all before a byte is decoded."""
-    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
-        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise WireError(f"{where} must be an object with exactly dtype, shape, data; got {got}")
-    dt, shape, count = wirefmt.check_declared(name, obj["dtype"], obj["shape"], where)
-    data = obj["data"]
-    if not isinstance(data, str):
-        raise WireError(f"{where}: data must be a base64 string")
-    expected = count * dt.itemsize
-    # base64 length is fixed by the byte count: check it before decoding (no allocation for a lying shape)
-    if len(data) != 4 * ((expected + 2) // 3):
-        raise WireError(f"{where}: {dt.name} {list(shape)} needs {expected} bytes, the base64 data has a "
-                        f"different length")  # fmt: skip
-
-    def decode() -> np.ndarray:
-        try:
-            raw = base64.b64decode(data, validate=True)
-        except ValueError as exc:  # binascii.Error, or non-ASCII text
-            raise WireError(f"{where}: data is not valid base64 ({str(exc)[:80]})") from None
-        if len(raw) != expected:
-            raise WireError(f"{where}: {dt.name} {list(shape)} needs {expected} bytes, got {len(raw)}")
-        return wirefmt.array_from_bytes(raw, dt, shape, where)
-
-    return DeclaredTensor(name, dt.newbyteorder("="), shape, decode)
-
-
-def encode_payload(payload: Any) -> dict:
-    """A ``ppfr.methods.Payload`` -> its wire object."""
-    return {"method": payload.method, "schema_version": int(payload.schema_version),
-            "tensors": {k: encode_tensor(v) for k, v in payload.tensors.items()}}  # fmt: skip
-
-
-def decode_payload(obj: Any) -> tuple[str, int, dict[str, np.ndarray]]:
-    """A wire object -> (method, schema_version, {name: array}); WireError if malformed (not checked: the spec)."""
-    method, version, tensors = read_payload(obj)
-    return method, version, {k: t.decode() for k, t in tensors.items()}
-
-
-def read_payload(obj: Any) -> tuple[str, int, dict[str, DeclaredTensor]]:
-    """``decode_payload`` without the decoding: {name: DeclaredTensor}, whose dtype and shape a server compares
-    with its spec before ``decode()`` allocates."""
-    if not isinstance(obj, dict) or set(obj) != {"method", "schema_version", "tensors"}:
-        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise WireError(f"payload must be an object with exactly method, schema_version, tensors; got {got}")
-    method, version, tensors = obj["method"], obj["schema_version"], obj["tensors"]
-    if not isinstance(method, str):
-        raise WireError("payload method must be a string")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise WireError("payload schema_version must be an integer")
-    if not isinstance(tensors, dict) or not 1 <= len(tensors) <= wirefmt.MAX_TENSORS:
-        raise WireError(f"payload tensors must be an object of 1..{wirefmt.MAX_TENSORS} tensors")
-    return method, version, {k: read_tensor(v, k, f"payload tensor {k[:64]!r}") for k, v in tensors.items()}
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -311,21 +234,6 @@ class Client:
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def read_token(token: str | None, token_file: str | None) -> str:
-    """--token, else --token-file (first line), else $PPFR_TOKEN; an error if none is given."""
-    if token and token_file:
-        raise SystemExit("give --token or --token-file, not both")
-    if token_file:
-        try:
-            token = Path(token_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise SystemExit(f"cannot read --token-file: {exc}") from None
-    token = token or os.environ.get("PPFR_TOKEN", "")
-    if not token:
-        raise SystemExit("an access token is required: --token-file FILE (preferred), --token or $PPFR_TOKEN")
-    return token
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

@@ -39,7 +39,7 @@ viewed (one copy per tensor, into the decoded dtype). ``read_message`` stops one
 tensor's checked name, dtype and shape (``DeclaredTensor``) with its bytes still undecoded, so that a server compares
 them with its method's spec before it allocates anything (a tensor declared float64 and sent as int8 would otherwise
 decode to 8x its bytes before being refused). ``check_declared`` is the one check of a peer-declared name, dtype and
-shape, shared with the JSON codec of ``ppfr.deploy.client``; every malformed input raises ``WireError``, nothing else.
+shape, shared with the JSON codec of ``ppfr.deploy.protocol``; every malformed input raises ``WireError``, nothing else.
 """
 
 from __future__ import annotations
@@ -50,8 +50,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-
-import msgpack
 
 MAGIC = b"PPFR"
 WIRE_VERSION = 1
@@ -222,6 +220,9 @@ def encode_message(method: str, schema_version: int, tensors: dict[str, Any], fi
                               "tensors": entries}  # fmt: skip
     if fields:
         header["fields"] = dict(fields)
+    import msgpack  # here, not at import: the payload contract (ppfr.deploy.protocol) imports this module in a
+    # core install, where msgpack (ppfr[serve]) may be missing
+
     head = msgpack.packb(header, use_bin_type=True)
     if len(head) > MAX_HEADER_BYTES:
         raise WireError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES} (int8 scales of too many samples "
@@ -315,6 +316,8 @@ def read_message(data: bytes | bytearray | memoryview, max_header_bytes: int = M
         raise WireError(f"header of {head_len} bytes exceeds the limit of {max_header_bytes}")
     if _PREFIX.size + head_len > len(view):
         raise WireError(f"header of {head_len} bytes runs past the end of the {len(view)}-byte message")
+    import msgpack  # (see encode_message)
+
     try:
         # Bounded containers and no extension types: a header is a few small maps and lists.
         header = msgpack.unpackb(view[_PREFIX.size:_PREFIX.size + head_len], raw=False, use_list=True,

@@ -15,12 +15,14 @@ Adding a method is one file with one ``@register_method`` class; the trainer nev
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
+
+from ppfr.deploy.protocol import check_origin, check_structure
+from ppfr.deploy.protocol import check_values as check_payload_values
 
 SCHEMA_VERSION = 1
 
@@ -66,42 +68,15 @@ class Payload:
         """
         if not isinstance(self, Payload):
             raise TypeError(f"{method} expects a Payload, got {type(self).__name__}")
-        if self.method != method:
-            raise ValueError(f"payload is for method {self.method!r}, this server runs {method!r}")
-        if self.schema_version != SCHEMA_VERSION:
-            raise ValueError(f"payload schema version {self.schema_version} != {SCHEMA_VERSION}")
-        if set(self.tensors) != set(spec):
-            raise ValueError(f"{method} payload must hold {sorted(spec)}, got {sorted(self.tensors)}")
-        b = None
-        for name, s in spec.items():
-            t = self.tensors[name]
-            if not isinstance(t, torch.Tensor) or tuple(t.shape[1:]) != s.shape or t.dtype != s.dtype:
-                got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{method} payload {name!r} must be (B, {s.shape}) {s.dtype}, got {got}")
-            if b is not None and t.shape[0] != b:
-                raise ValueError(f"{method} payload tensors disagree on the batch size")
-            b = t.shape[0]
+        # the one contract of ppfr.deploy.protocol, which the runners and the server check as well
+        check_origin(self.method, self.schema_version, method, SCHEMA_VERSION)
+        check_structure(spec, self.tensors, f"{method} payload", array_type=torch.Tensor, allow_empty=True)
         if _tracing():  # value checks need concrete data; an exported graph's runner checks ranges itself
             return
         if check_values is None:
             check_values = all(t.device.type == "cpu" for t in self.tensors.values())
-        if not check_values:
-            return
-        for name, s in spec.items():
-            t = self.tensors[name]
-            floating = t.is_floating_point()
-            if not t.numel() or not (floating or s.low is not None or s.high is not None):
-                continue
-            # one pass over the payload: min and max propagate NaN, and an Inf is the min or the max, so both
-            # being finite means every value is (the server refuses non-finite payloads: a NaN would come back as
-            # a NaN embedding, not an error)
-            lo, hi = (float(v) for v in torch.aminmax(t.detach()))
-            if floating and not (math.isfinite(lo) and math.isfinite(hi)):
-                raise ValueError(f"{method} payload {name!r} has non-finite values (NaN or Inf)")
-            if s.low is not None and lo < s.low - 1e-6:
-                raise ValueError(f"{method} payload {name!r} has values below {s.low}")
-            if s.high is not None and hi > s.high + 1e-6:
-                raise ValueError(f"{method} payload {name!r} has values above {s.high}")
+        if check_values:
+            check_payload_values(spec, self.tensors, f"{method} payload")
 
 
 def _tracing() -> bool:
@@ -135,6 +110,31 @@ class FreqPayloadOperator:
             raise ValueError(f"FreqPayloadOperator.names has {len(self.names)} labels for {c.shape[0]} candidates")
         if int(c.min()) < 0 or int(c.max()) >= 192:
             raise ValueError("FreqPayloadOperator.candidates must be channel indices in [0, 192)")
+
+
+EMBEDDING_OUTPUT = "embedding"  # the server graph's one output: (B, D) raw embeddings
+
+
+@dataclass(frozen=True)
+class ExportGraph:
+    """One graph of a method that ``ppfr export`` can write (``Method.export_graphs``).
+
+    inputs: the graph's inputs in order (per-sample shapes; a leading batch axis is added).
+    outputs: output name -> per-sample shape, in order.
+    forward: ``forward(*inputs in order) -> a tensor or a tuple of tensors`` (the outputs in order).
+    sample: ``sample(images, generator) -> {input name: tensor}``: realistic inputs made from (B, 3, H, W) faces by
+        the method's own client pipeline (the export's parity check runs on them).
+    discontinuous: the graph prunes or quantizes, so a 1e-7 difference upstream can flip an element across a
+        threshold or a rounding boundary (the parity check then counts mismatching elements instead).
+    refusal: why these options cannot be exported (e.g. a random layer drawn on every forward), or None.
+    """
+
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, tuple[int, ...]]
+    forward: Callable[..., Any]
+    sample: Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
+    discontinuous: bool = False
+    refusal: str | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,22 @@ class Method(nn.Module):
         """The payload as a known linear function of the image, or None (the default: not linear, e.g. a learned
         client network's output). Declaring it gives the method the closed-form inversion attack for free."""
         return None
+
+    def export_graphs(self) -> dict[str, ExportGraph]:
+        """The graphs ``ppfr export --part PART`` can write: ``server`` (payload -> ``embedding``, every method) and,
+        for a method whose client side holds a learned network, ``client`` (that network: its input -> the payload
+        tensors it produces). A method with such a network, or with options that cannot be exported, overrides
+        this (calling it for the server graph)."""
+        names = list(self.payload_spec)
+
+        def server(*tensors: torch.Tensor) -> torch.Tensor:
+            return self.recognize(Payload(self.name, dict(zip(names, tensors))))
+
+        def payloads(images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+            return dict(self.protect(images, generator=generator).tensors)
+
+        size = (int(self.options.embedding_size),)
+        return {"server": ExportGraph(dict(self.payload_spec), {EMBEDDING_OUTPUT: size}, server, payloads)}
 
     def embed(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """recognize(protect(images)): the end-to-end embedding (B, D) used for evaluation."""

@@ -32,6 +32,7 @@ must count first).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppfr.methods.base import (
-    FreqPayloadOperator, Method, MethodOptions, Payload, Stage, TensorSpec, register_method,
+    ExportGraph, FreqPayloadOperator, Method, MethodOptions, Payload, Stage, TensorSpec, register_method,
 )  # fmt: skip
 from ppfr.models.ir import IRNet
 from ppfr.models.mobilefacenet import ClientMobileFaceNet
@@ -201,6 +202,20 @@ class DuetFace(Method):
         _, taps = self.client(x_client)
         tensors = {"dct": x_server, **{f"feat{i}": t.detach() for i, t in enumerate(taps)}, "roi": self.roi(images)}
         return Payload(self.name, tensors)
+
+    def export_graphs(self) -> dict[str, ExportGraph]:
+        """The server graph, and the client network: 30 DCT channels (B, 30, H, W) -> feat0..feat3."""
+        graphs = super().export_graphs()
+        if self.options.interface == "random_per_forward":
+            graphs["server"] = dataclasses.replace(graphs["server"], refusal=(
+                "duetface interface='random_per_forward' draws a fresh random conv on every forward (the reference's "
+                "behaviour): there is no fixed graph to export; use interface='learned'"))  # fmt: skip
+        s = self.options.image_size
+        feats = {k: tuple(v.shape) for k, v in self.payload_spec.items() if k.startswith("feat")}
+        graphs["client"] = ExportGraph(
+            {"dct_client": TensorSpec((len(CLIENT_CHANNELS), s, s))}, feats, lambda x: tuple(self.client(x)[1]),
+            lambda images, generator: {"dct_client": self.split(images)[0]})  # fmt: skip
+        return graphs
 
     def payload_operator(self) -> FreqPayloadOperator:
         """The server's 162 high-frequency channels (fixed, no secret). The client maps and the ROI are not linear

@@ -40,7 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ppfr.methods.base import Method, MethodOptions, Payload, Stage, TensorSpec, register_method
+from ppfr.methods.base import (
+    ExportGraph, Method, MethodOptions, Payload, Stage, TensorSpec, register_method,
+)  # fmt: skip
 from ppfr.models.ir import IRNet
 from ppfr.models.mobilefacenet import ClientMobileFaceNet
 from ppfr.ops.block_shuffle import block_channel_shuffle, block_grid, block_perm_table, dequantize, prune, quantize
@@ -186,6 +188,23 @@ class ProFaceC(Method):
         blurred = self.blur(images, generator)
         aux = self.compensation(images.float() - blurred)
         return Payload(self.name, {"image": blurred.clamp(-1, 1), **{f"aux{i}": a for i, a in enumerate(aux)}})
+
+    def export_graphs(self) -> dict[str, ExportGraph]:
+        """The server graph, and the client network: the residual X - blur(X) (B, 3, H, W) in [-2, 2] -> aux0..aux3
+        (aux0 block-shuffled with the model's key; pruned / fake-quantized as the options ask: discontinuous)."""
+        graphs = super().export_graphs()
+        o, s = self.options, self.options.image_size
+        refusal = None
+        if o.bits == 4:
+            refusal = ("profacec bits=4: the int4 wire packing (nibble shifts and masks on uint8) has no faithful ONNX "
+                       "form in these exporters; export bits=8 or bits=None")  # fmt: skip
+        graphs["client"] = ExportGraph(
+            {"residual": TensorSpec((3, s, s), torch.float32, -2.0, 2.0)},
+            {k: tuple(v.shape) for k, v in self.payload_spec.items() if k.startswith("aux")},
+            lambda x: tuple(self.compensation(x)),
+            lambda images, generator: {"residual": images - self.blur(images, generator)},
+            discontinuous=o.keep_ratio < 1.0 or o.bits is not None, refusal=refusal)  # fmt: skip
+        return graphs
 
     def compensation(self, residual: torch.Tensor) -> list[torch.Tensor]:
         """The client network: R = X - blur(X) (B, 3, H, W) in [-2, 2] -> aux0..3 (aux0 block-shuffled, then

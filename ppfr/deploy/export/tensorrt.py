@@ -4,7 +4,7 @@ Written against TensorRT's Python API of 10.x and 11.x (the name-based I/O tenso
 ``Builder`` -> ``create_network(0)`` (explicit batch; the only mode since 10.0) -> ``OnnxParser`` ->
 ``BuilderConfig`` (``set_memory_pool_limit(WORKSPACE)``, one optimization profile over the batch range, a timing
 cache loaded from and saved back to a file) -> ``build_serialized_network``. The engine's metadata lives in a
-sidecar ``<engine>.json`` (same keys as the ONNX ``metadata_props``, see ppfr.deploy.meta, plus the TensorRT
+sidecar ``<engine>.json`` (same keys as the ONNX ``metadata_props``, see ppfr.deploy.export.metadata, plus the TensorRT
 version, precision and the batch range).
 
 FP16: TensorRT 10 takes ``BuilderFlag.FP16`` (weak typing). TensorRT 11 removed the weak-typing flags; there the
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ppfr._backend import BackendUnavailableError
-from ppfr.deploy import meta
+from ppfr.deploy.export import metadata as meta
 
 
 def _import_tensorrt():

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ppfr.deploy.gallery import GalleryError, Match, check_name, check_probes, normalize
-from ppfr.deploy.gallery_index import VectorIndex
+from ppfr.deploy.gallery.helpers import check_name, check_probes, normalize
+from ppfr.deploy.gallery.index import VectorIndex
+from ppfr.deploy.gallery.protocol import GalleryError, Match
 
 FORMAT = "ppfr-gallery-sqlite"
 FORMAT_VERSION = 1
@@ -61,7 +62,7 @@ class SqliteGallery:
 
     ``method`` / ``embedding_size``: the model the embeddings come from; a database enrolled with another is
     refused (GalleryError). ``index``: "flat" (exact, default), "hnsw" or "ivf" (approximate); ``index_options``
-    go to :class:`~ppfr.deploy.gallery_index.VectorIndex` (``hnsw_m``, ``ef_construction``, ``ef_search``,
+    go to :class:`~ppfr.deploy.gallery.index.VectorIndex` (``hnsw_m``, ``ef_construction``, ``ef_search``,
     ``rebuild_fraction``; ``ivf_nprobe``, ``ivf_nlist``, ``ivf_min_rows``, ``ivf_regrow``, ``ivf_niter``,
     ``seed``). Thread-safe (one lock per handle); several handles and processes may share a file.
     """

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ppfr.deploy.gallery import GalleryError, Match, check_name, check_probes, normalize
+from ppfr.deploy.gallery.helpers import check_name, check_probes, normalize
+from ppfr.deploy.gallery.protocol import GalleryError, Match
 
 FORMAT = "ppfr-gallery-qdrant"
 FORMAT_VERSION = 1

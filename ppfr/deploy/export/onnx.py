@@ -1,15 +1,15 @@
-"""Export a method's server model (payload -> embedding) and, for DuetFace / PRO-Face C, its client network, to ONNX
-with a dynamic batch axis; TensorRT engines (:func:`build_engine`) and Triton repositories (ppfr.deploy.triton)
-are built from that ONNX.
+"""Export a method's graphs to ONNX with a dynamic batch axis, and check them against eager PyTorch; TensorRT
+engines (``export.tensorrt``) and Triton Inference Server repositories (``export.model_repository``) are built from
+that ONNX.
 
-The graphs:
+The graphs come from the method (``Method.export_graphs``, each an ``ExportGraph``); nothing here asks which
+method it exports:
 
 * ``server`` -- inputs named after ``method.payload_spec`` (per-sample shapes as in the spec, leading batch axis
   ``batch``), output ``embedding`` (B, D), the raw embedding of ``method.recognize`` (runners L2-normalise).
 * ``client`` -- the client *network* only, i.e. what runs on the client beyond fixed transforms (frequency
-  transform, ROI, blur): DuetFace ``dct_client`` (B, 30, 112, 112) -> ``feat0..feat3``; PRO-Face C ``residual``
-  (B, 3, 112, 112) = X - blur(X) in [-2, 2] -> ``aux0..aux3`` (aux0 block-shuffled with the model's key, and pruned
-  / fake-quantized when the method options ask for it). The other methods have no client network.
+  transform, ROI, blur), for the methods that have one (DuetFace: ``dct_client`` -> ``feat0..feat3``; PRO-Face C:
+  ``residual`` = X - blur(X) -> ``aux0..aux3``).
 
 **Export mode.** The ppfr ops are ``torch.library`` custom ops whose fast backends (C++, Triton, CUDA) are opaque to
 an exporter. :func:`export_mode` makes every op that a traced graph reaches run its pure-PyTorch form instead:
@@ -45,14 +45,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ppfr.deploy import meta
-from ppfr.methods.base import Method, Payload, TensorSpec
+from ppfr.deploy.export import metadata as meta
+from ppfr.deploy.protocol import l2_normalize
+from ppfr.methods.base import ExportGraph, Method, TensorSpec
 
 DEFAULT_OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
 MAX_DYNAMIC_BATCH = 65536  # upper bound given to torch.export for the symbolic batch (dynamo exporter)
 _OP_MODULES = ("ppfr.ops.freq", "ppfr.ops.block_shuffle", "ppfr.ops.feature_mask_fuse", "ppfr.ops.blur",
                "ppfr.ops.roi_mask", "ppfr.ops.sample_ranks")  # fmt: skip
+PARITY_TOL = 1e-4  # max abs difference, eager vs ONNX Runtime (L2-normalised embeddings; client maps, relative)
+MISMATCH_TOL = 1e-3  # pruned / quantized client maps: at most this fraction of boundary elements may differ
 _EXPORT_LOCK = threading.RLock()  # export mode mutates process state (env var, module globals)
 
 
@@ -91,64 +94,40 @@ def load_source(source: str | Path) -> tuple[Method, dict[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------------ graphs
-def _client_net(method: Method):
-    if method.name == "duetface":
-        from ppfr.methods.duetface import CLIENT_CHANNELS
-
-        s = method.options.image_size
-        return {"dct_client": TensorSpec((len(CLIENT_CHANNELS), s, s))}, lambda x: tuple(method.client(x)[1])
-    if method.name == "profacec":
-        s = method.options.image_size
-        return ({"residual": TensorSpec((3, s, s), torch.float32, -2.0, 2.0)},
-                lambda x: tuple(method.compensation(x)))  # fmt: skip
-    raise ExportError(f"{method.name} has no client network to export: its client side is the fixed transform "
-                      "of protect() (run it with ppfr); export --part server")  # fmt: skip
+def export_graph(method: Method, part: str) -> ExportGraph:
+    """The method's ``part`` graph (``Method.export_graphs``); ExportError if it has none or cannot export it."""
+    if part not in meta.PARTS:
+        raise ValueError(f"part must be one of {meta.PARTS}, got {part!r}")
+    graph = method.export_graphs().get(part)
+    if graph is None:
+        raise ExportError(f"{method.name} has no {part} network to export: its client side is the fixed transform "
+                          "of protect() (run it with ppfr); export --part server")  # fmt: skip
+    return graph
 
 
 def graph_io(method: Method, part: str) -> tuple[dict[str, TensorSpec], dict[str, tuple[int, ...]]]:
     """(input spec, output name -> per-sample shape) of a method's ``server`` or ``client`` graph."""
-    if part == "server":
-        return dict(method.payload_spec), {meta.EMBEDDING: (int(method.options.embedding_size),)}
-    if part == "client":
-        spec, _ = _client_net(method)
-        prefix = "feat" if method.name == "duetface" else "aux"
-        return spec, {k: tuple(v.shape) for k, v in method.payload_spec.items() if k.startswith(prefix)}
-    raise ValueError(f"part must be one of {meta.PARTS}, got {part!r}")
+    graph = export_graph(method, part)
+    return dict(graph.inputs), dict(graph.outputs)
 
 
-class ServerGraph(nn.Module):
-    """forward(*payload tensors in payload_spec order) -> (B, D) raw embedding: ``method.recognize``."""
+class GraphModule(nn.Module):
+    """A method's export graph as a module: ``forward(*inputs in order)`` -> the graph's output(s); the method is a
+    submodule, so its weights are the graph's."""
 
-    def __init__(self, method: Method) -> None:
+    def __init__(self, method: Method, part: str) -> None:
         super().__init__()
         self.method = method
-        self.names = list(method.payload_spec)
+        self._forward = export_graph(method, part).forward
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self.method.recognize(Payload(self.method.name, dict(zip(self.names, tensors))))
-
-
-class ClientGraph(nn.Module):
-    """forward(client input) -> tuple of client maps (see :func:`graph_io`)."""
-
-    def __init__(self, method: Method) -> None:
-        super().__init__()
-        self.method = method
-        _, self._fn = _client_net(method)
-
-    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # varargs like ServerGraph: one
-        return self._fn(*tensors)  # dynamic_shapes structure for both graphs
+    def forward(self, *tensors: torch.Tensor) -> Any:  # varargs for every graph: one dynamic_shapes structure
+        return self._forward(*tensors)
 
 
 def _check_exportable(method: Method, part: str) -> None:
-    o = method.options
-    if part == "client" and getattr(o, "bits", None) == 4:
-        raise ExportError("profacec bits=4: the int4 wire packing (nibble shifts and masks on uint8) has no "
-                          "faithful ONNX form in these exporters; export bits=8 or bits=None")  # fmt: skip
-    if part == "server" and getattr(o, "interface", None) == "random_per_forward":
-        raise ExportError("duetface interface='random_per_forward' draws a fresh random conv on every forward "
-                          "(the reference's behaviour): there is no fixed graph to export; "
-                          "use interface='learned'")  # fmt: skip
+    refusal = export_graph(method, part).refusal
+    if refusal is not None:
+        raise ExportError(refusal)
 
 
 # ------------------------------------------------------------------------------------------------ export mode
@@ -208,21 +187,15 @@ def random_inputs(spec: dict[str, TensorSpec], batch: int, seed: int = 0,
 
 
 def sample_inputs(method: Method, part: str, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Realistic graph inputs: the method's own client pipeline on synthetic faces (payloads for ``server``)."""
+    """Realistic graph inputs: the method's own client pipeline (``ExportGraph.sample``) on synthetic faces
+    (payloads for ``server``)."""
     from ppfr.data.synthetic import synthetic_faces
 
+    graph = export_graph(method, part)
     dev = next(method.parameters()).device
     images = synthetic_faces(batch, size=method.options.image_size, seed=seed).to(dev)
-    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        if part == "server":
-            return dict(method.protect(images, generator=g).tensors)
-        if method.name == "duetface":
-            return {"dct_client": method.split(images)[0]}
-        if method.name == "profacec":
-            return {"residual": images - method.blur(images, g)}
-    _client_net(method)  # raises the "no client network" error
-    raise AssertionError("unreachable")
+        return graph.sample(images, torch.Generator().manual_seed(seed))
 
 
 # ------------------------------------------------------------------------------------------------ ONNX
@@ -254,7 +227,7 @@ def export_onnx(method: Method, path: str | Path, *, part: str = "server", opset
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     was_training = method.training
     method.eval()
-    graph = (ServerGraph(method) if part == "server" else ClientGraph(method)).eval()
+    graph = GraphModule(method, part).eval()
     dev = next(method.parameters()).device
     example = tuple(random_inputs(spec, 2, device=dev).values())  # B=2: nothing specialises on a batch of 1
     names, out_names = list(spec), list(outputs)
@@ -298,14 +271,12 @@ def export_onnx(method: Method, path: str | Path, *, part: str = "server", opset
     return path
 
 
-read_onnx_metadata = meta.read_onnx_metadata  # re-exported: part of this module's API
-
-
 def has_discontinuous_client(method: Method) -> bool:
-    """True if the client graph prunes or quantizes: a 1e-7 difference upstream can flip a value across the prune
-    threshold or a rounding boundary, so such graphs agree everywhere but at a few boundary elements."""
-    o = method.options
-    return getattr(o, "keep_ratio", 1.0) < 1.0 or getattr(o, "bits", None) is not None
+    """True if the client graph prunes or quantizes (``ExportGraph.discontinuous``): a 1e-7 difference upstream can
+    flip a value across the prune threshold or a rounding boundary, so such graphs agree everywhere but at a few
+    boundary elements."""
+    graph = method.export_graphs().get("client")
+    return graph is not None and graph.discontinuous
 
 
 def check_parity(method: Method, onnx_path: str | Path, batch_sizes: tuple[int, ...] = (1, 8), seed: int = 0,
@@ -321,11 +292,9 @@ def check_parity(method: Method, onnx_path: str | Path, batch_sizes: tuple[int, 
     """
     if metric not in ("max", "mismatch"):
         raise ValueError(f"metric must be max or mismatch, got {metric!r}")
-    from ppfr.deploy.meta import l2_normalize
-
     sess = meta.OrtSession(onnx_path, providers=["CPUExecutionProvider"], threads=threads)
     method.eval()
-    graph = ServerGraph(method) if part == "server" else ClientGraph(method)
+    graph = GraphModule(method, part)
     result = {}
     for b in batch_sizes:
         inputs = sample_inputs(method, part, b, seed=seed + b)
@@ -333,7 +302,7 @@ def check_parity(method: Method, onnx_path: str | Path, batch_sizes: tuple[int, 
             ref = graph(*inputs.values())
         got = sess.run({k: v.detach().cpu().numpy() for k, v in inputs.items()})
         if part == "server":
-            diff = float(np.abs(l2_normalize(ref.cpu().numpy()) - l2_normalize(got[meta.EMBEDDING])).max())
+            diff = float(np.abs(l2_normalize(ref.cpu().numpy(), strict=False) - l2_normalize(got[meta.EMBEDDING], strict=False)).max())
         else:
             rel = [np.abs(r.cpu().numpy() - got[k]) / max(float(r.abs().max()), 1e-12)
                    for k, r in zip(sess.outputs, ref)]  # fmt: skip
@@ -345,8 +314,23 @@ def check_parity(method: Method, onnx_path: str | Path, batch_sizes: tuple[int, 
     return result
 
 
-def build_engine(*args: Any, **kwargs: Any) -> Path:
-    """TensorRT engine from an exported ONNX file; see :func:`ppfr.deploy.tensorrt.build_engine`."""
-    from ppfr.deploy.tensorrt import build_engine as _build
-
-    return _build(*args, **kwargs)
+def verify_parity(method: Method, onnx_path: str | Path, part: str = "server",
+                  threads: int | None = None) -> tuple[bool, list[str]]:  # fmt: skip
+    """The parity check ``ppfr export`` runs and a runner runs before it serves an export it made: (passed, the
+    lines that report it). ``check_parity`` at batch 1 and 8 below PARITY_TOL; a discontinuous client graph that
+    misses it is judged by its fraction of mismatching elements instead (below MISMATCH_TOL)."""
+    parity = check_parity(method, onnx_path, part=part, threads=threads)
+    what = "L2-normalised embeddings" if part == "server" else "maps, relative"
+    lines = [f"parity vs eager (max abs diff, {what}): " + ", ".join(f"B={b}: {d:.2e}" for b, d in parity.items())]
+    if max(parity.values()) < PARITY_TOL:
+        return True, lines
+    if part == "client" and has_discontinuous_client(method):
+        parity = check_parity(method, onnx_path, part="client", metric="mismatch", threads=threads)
+        lines.append("pruned/quantized client maps: fraction of elements off by > 1e-4 (boundary flips): "
+                     + ", ".join(f"B={b}: {d:.1e}" for b, d in parity.items()))  # fmt: skip
+        if max(parity.values()) < MISMATCH_TOL:
+            return True, lines
+        lines.append(f"parity check FAILED (mismatch >= {MISMATCH_TOL:g})")
+        return False, lines
+    lines.append(f"parity check FAILED (>= {PARITY_TOL:g})")
+    return False, lines

@@ -22,9 +22,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-PARITY_TOL = 1e-4
-MISMATCH_TOL = 1e-3  # pruned / quantized client maps: at most this fraction of boundary elements may differ
-
 
 def _default_out(checkpoint: str, fmt: str) -> Path:
     if checkpoint.startswith("method:"):
@@ -60,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, out: Path, tmp: Path) -> int:
     from ppfr._backend import BackendUnavailableError
-    from ppfr.deploy.export import ExportError, check_parity, export_onnx, has_discontinuous_client, load_source
+    from ppfr.deploy.export.onnx import ExportError, export_onnx, load_source, verify_parity
     from ppfr.models.checkpoints import CheckpointError
 
     try:
@@ -68,7 +65,7 @@ def _run(args: argparse.Namespace, out: Path, tmp: Path) -> int:
             raise ValueError(f"need 1 <= --min-batch <= --opt-batch <= --max-batch, got "
                              f"{args.min_batch}, {args.opt_batch}, {args.max_batch}")  # fmt: skip
         if args.format == "tensorrt" or (args.format == "triton" and args.triton_platform == "tensorrt_plan"):
-            from ppfr.deploy.tensorrt import tensorrt_unavailable_reason
+            from ppfr.deploy.export.tensorrt import tensorrt_unavailable_reason
 
             reason = tensorrt_unavailable_reason(need_gpu=True)  # fail before the (slow) export, not after
             if reason is not None:
@@ -79,24 +76,14 @@ def _run(args: argparse.Namespace, out: Path, tmp: Path) -> int:
                                 exporter=args.exporter, source=info["label"], source_sha256=info["sha256"])  # fmt: skip
         print(f"wrote {onnx_path} ({method.name} {args.part}, opset {args.opset}, {args.exporter} exporter)")
         if not args.no_verify:
-            parity = check_parity(method, onnx_path, part=args.part)
-            what = "L2-normalised embeddings" if args.part == "server" else "maps, relative"
-            print("parity vs eager (max abs diff, " + what + "): "
-                  + ", ".join(f"B={b}: {d:.2e}" for b, d in parity.items()))  # fmt: skip
-            if max(parity.values()) >= PARITY_TOL and args.part == "client" and has_discontinuous_client(method):
-                # pruning / quantization: a few elements sit on a threshold or rounding boundary
-                parity = check_parity(method, onnx_path, part="client", metric="mismatch")
-                print("pruned/quantized client maps: fraction of elements off by > 1e-4 (boundary flips): "
-                      + ", ".join(f"B={b}: {d:.1e}" for b, d in parity.items()))  # fmt: skip
-                if max(parity.values()) >= MISMATCH_TOL:
-                    print(f"ppfr export: parity check FAILED (mismatch >= {MISMATCH_TOL:g})", file=sys.stderr)
-                    return 1
-            elif max(parity.values()) >= PARITY_TOL:
-                print(f"ppfr export: parity check FAILED (>= {PARITY_TOL:g})", file=sys.stderr)
+            ok, lines = verify_parity(method, onnx_path, part=args.part)
+            print("\n".join(lines[:-1] if not ok else lines))
+            if not ok:
+                print(f"ppfr export: {lines[-1]}", file=sys.stderr)
                 return 1
         model_file = onnx_path
         if args.format == "tensorrt" or (args.format == "triton" and args.triton_platform == "tensorrt_plan"):
-            from ppfr.deploy.tensorrt import build_engine
+            from ppfr.deploy.export.tensorrt import build_engine
 
             engine_dir = out if args.format == "tensorrt" else onnx_dir
             model_file = build_engine(onnx_path, engine_dir / f"{args.part}.engine", fp16=args.fp16,
@@ -105,7 +92,7 @@ def _run(args: argparse.Namespace, out: Path, tmp: Path) -> int:
             print(f"wrote {model_file} (+ {model_file.name}.json; batch {args.min_batch}..{args.max_batch}, "
                   f"{'fp16' if args.fp16 else 'fp32'})")  # fmt: skip
         if args.format == "triton":
-            from ppfr.deploy.triton import write_triton_model
+            from ppfr.deploy.export.model_repository import write_triton_model
 
             model_dir = write_triton_model(
                 model_file, out, args.model_name, max_batch_size=args.max_batch,

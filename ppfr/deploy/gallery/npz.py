@@ -1,4 +1,6 @@
-"""A gallery of enrolled identities for the recognition server: name -> L2-normalised embeddings.
+"""The legacy single-file gallery (``Gallery``): name -> L2-normalised embeddings in one ``gallery.npz``, or in
+memory only (the tests' and embedded servers' gallery). The stores for deployments are ``sqlite`` and ``qdrant``
+(chosen by URI with ``ppfr.deploy.gallery.open_gallery``); ``importer`` moves a ``gallery.npz`` into them.
 
 * Several embeddings per identity (one per enrolled image). An identity's score against a probe is the best cosine
   over its embeddings (the usual "max over templates" rule; robust to one bad enrolment photo).
@@ -7,99 +9,40 @@
   and never required.
 * Persistence: one ``gallery.npz`` per gallery folder holding the embedding matrix, the per-row identity index and
   a JSON header (names, method, embedding size). Written to a temporary file, fsynced, then ``os.replace``-d, so a
-  crash leaves either the old or the new gallery, never half of one. Read with ``allow_pickle=False``: the file
-  holds only plain numeric arrays and UTF-8 JSON, nothing that can execute code when loaded.
+  crash leaves either the old or the new gallery, never half of one. Read with ``allow_pickle=False`` and every
+  member's declared size checked first (``_read``): the file holds only plain numeric arrays and UTF-8 JSON.
+  Its cost per change grows with the gallery (the whole file is rewritten) and one process owns a folder.
 * Thread-safe: every read and mutation holds one lock; a mutation is applied to copies, saved, then swapped in,
   so a failed save leaves the in-memory gallery and the file as they were.
-
-``Gallery`` is the single-file gallery (and the in-memory one of the tests). Its cost per change grows with the
-gallery (the whole file is rewritten) and one process owns a folder. The stores for real deployments share its
-interface (:class:`GalleryLike`) and are chosen by URI with :func:`open_gallery`:
-
-* ``sqlite:///path/to/gallery.db``, or a plain folder (-> ``folder/gallery.db``): SQLite rows + a faiss index
-  (``index="flat"`` exact, ``"hnsw"`` / ``"ivf"`` approximate), one transaction per change, several processes
-  per host (:mod:`ppfr.deploy.gallery_sqlite`). A folder holding only today's ``gallery.npz`` is imported on
-  first open.
-* ``qdrant://host:port/collection`` (a Qdrant server or cluster) and ``qdrant+local:///path`` (embedded, one
-  process): :mod:`ppfr.deploy.gallery_qdrant`.
-
-``python -m ppfr.deploy.gallery import SRC.npz DST`` imports a ``gallery.npz`` into any of them (:func:`import_npz`).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import threading
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ppfr.deploy.gallery.helpers import check_name, check_probes, normalize
+from ppfr.deploy.gallery.index import faiss_module
+from ppfr.deploy.gallery.protocol import GalleryError, Match
 from ppfr.runtime import fsync_dir
 
 FORMAT = "ppfr-gallery"
 FORMAT_VERSION = 1
 FILENAME = "gallery.npz"
-MAX_NAME_LEN = 256
-
-log = logging.getLogger(__name__)
-
-
-class GalleryError(RuntimeError):
-    """A gallery file that cannot be used (corrupt, another format, another model), or a bad gallery operation."""
-
-
-@dataclass(frozen=True)
-class Match:
-    """One ranked identity of a search: its name and best cosine similarity to the probe."""
-
-    name: str
-    score: float
-
-
-def check_name(name: Any) -> str:
-    """An identity name: a non-empty string of at most 256 printable characters (no control characters)."""
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
-        raise ValueError(f"an identity name must be a non-empty string of at most {MAX_NAME_LEN} characters")
-    if not name.isprintable():
-        raise ValueError("an identity name must not contain control characters")
-    return name
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation of a (N, D) float array to float32; refuses zero or non-finite rows."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"embeddings must be (N, D), got shape {x.shape}")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if not np.all(np.isfinite(x)) or np.any(norms < 1e-12):
-        raise ValueError("embeddings must be finite and non-zero")
-    return x / norms
-
-
-def check_probes(probes: np.ndarray, embedding_size: int, top_k: int | None = None) -> np.ndarray:
-    """(M, D) probes L2-normalised to float32, refused unless D == ``embedding_size`` (and ``top_k`` >= 1 if given):
-    the argument checks every gallery backend's ``scores`` / ``search`` share."""
-    probes = normalize(probes)
-    if probes.shape[1] != embedding_size:
-        raise ValueError(f"expected {embedding_size}-d probes, got {probes.shape[1]}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    return probes
 
 
 def _faiss():
     """The faiss module if it is installed, else None (imported on first use so the gallery never needs it)."""
     try:
-        import faiss  # type: ignore[import-not-found]
-    except ImportError:
+        return faiss_module()
+    except ModuleNotFoundError:
         return None
-    return faiss
 
 
 class Gallery:
@@ -427,192 +370,3 @@ def _read(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
     return names, labels[order], np.ascontiguousarray(emb[order]), meta
 
 
-# ------------------------------------------------------------------------------------ stores chosen by URI
-@runtime_checkable
-class GalleryLike(Protocol):
-    """What the server needs of a gallery; :class:`Gallery`, ``SqliteGallery`` and ``QdrantGallery`` provide it.
-
-    Embeddings are (N, D) float arrays (stored float32, L2-normalised; zero or non-finite rows refused); scores
-    are cosines in [-1, 1]; an identity's score is its best cosine over its embeddings.
-    """
-
-    method: str
-    embedding_size: int
-
-    def enrol(self, name: str, embeddings: np.ndarray) -> int: ...
-    def enrol_many(self, items: list[tuple[str, np.ndarray]]) -> list[int]: ...
-    def remove(self, name: str) -> int: ...
-    def identities(self) -> dict[str, int]: ...
-    def embeddings(self, name: str) -> np.ndarray: ...
-    def verify(self, name: str, probes: np.ndarray) -> np.ndarray: ...
-    def search(self, probes: np.ndarray, top_k: int = 5) -> list[list[Match]]: ...
-    def close(self) -> None: ...
-    def __len__(self) -> int: ...
-    def __contains__(self, name: object) -> bool: ...
-    @property
-    def num_embeddings(self) -> int: ...
-
-
-def _sqlite_path(target: str | Path) -> Path:
-    """A sqlite target -> the database file: a folder (existing, or a path without a suffix) means
-    ``folder/gallery.db``."""
-    from ppfr.deploy.gallery_sqlite import FILENAME as DB
-
-    p = Path(target)
-    return p / DB if p.is_dir() or (not p.exists() and p.suffix == "") else p
-
-
-def open_gallery(uri: str | Path, method: str, embedding_size: int, *, index: str = "flat",
-                 **options: Any) -> GalleryLike:  # fmt: skip
-    """Open (creating if absent) the gallery at ``uri`` for embeddings of ``method`` (``embedding_size``-d).
-
-    ``uri``: ``sqlite://<path>`` (``sqlite:///abs/gallery.db``; a folder means ``folder/gallery.db``), a plain path
-    (the same as ``sqlite://<path>``), ``qdrant://host:port/collection`` (``qdrants://`` for TLS) or
-    ``qdrant+local://<folder>[?collection=name]``. ``index`` ("flat" exact / "hnsw" / "ivf") and ``options`` (see
-    ``VectorIndex``) apply to sqlite; ``options`` ``exact`` / ``api_key`` / ``timeout`` to qdrant.
-    A folder's ``gallery.db`` that does not exist yet, beside a ``gallery.npz``, is first imported from it.
-    Raises GalleryError for an unusable store or one enrolled with another method / embedding size.
-    """
-    return _open(uri, method, embedding_size, index, options, auto_import=True)
-
-
-def _open(uri: str | Path, method: str, embedding_size: int, index: str, options: dict[str, Any], *,
-          auto_import: bool) -> GalleryLike:  # fmt: skip
-    text = str(uri)
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        scheme, rest = "sqlite", text
-    scheme = scheme.lower()
-    if scheme == "sqlite":
-        from ppfr.deploy.gallery_sqlite import SqliteGallery
-
-        db = _sqlite_path(rest)
-        if auto_import:
-            _auto_import(db)
-        return SqliteGallery(db, method, embedding_size, index=index, **options)
-    if scheme in ("qdrant", "qdrants", "qdrant+local"):
-        from urllib.parse import parse_qs, urlsplit
-
-        from ppfr.deploy.gallery_qdrant import DEFAULT_COLLECTION, QdrantGallery
-
-        if index != "flat":
-            raise ValueError("index= selects the sqlite backend's faiss index; Qdrant indexes itself (HNSW)")
-        if scheme == "qdrant+local":
-            path, _, query = rest.partition("?")
-            coll = parse_qs(query).get("collection", [DEFAULT_COLLECTION])[0]
-            if not path:
-                raise ValueError(f"{text}: qdrant+local needs a folder, e.g. qdrant+local:///var/lib/ppfr/gallery")
-            return QdrantGallery(method, embedding_size, path=path, collection=coll, **options)
-        u = urlsplit(text)
-        coll = u.path.strip("/") or DEFAULT_COLLECTION
-        if not u.hostname or "/" in coll:
-            raise ValueError(f"{text}: expected qdrant://host:port/collection")
-        url = f"{'https' if scheme == 'qdrants' else 'http'}://{u.hostname}:{u.port or 6333}"
-        return QdrantGallery(method, embedding_size, url=url, collection=coll, **options)
-    raise ValueError(f"unknown gallery URI scheme {scheme!r} in {text!r}: use a folder, sqlite://, qdrant:// or "
-                     "qdrant+local://")  # fmt: skip
-
-
-def _auto_import(db: Path) -> None:
-    """Create ``db`` from the ``gallery.npz`` beside it, when there is one and no database yet.
-
-    Built in a temporary file and renamed into place, under an exclusive ``flock`` (where available) so that
-    two servers starting together import once; a crash mid-import leaves no database (the next start retries).
-    The ``gallery.npz`` is left in place as a backup; from then on only the database changes. An unusable
-    ``gallery.npz`` (corrupt, or declaring more than it holds) is skipped with a warning naming it.
-    """
-    from ppfr.deploy.gallery_sqlite import FILENAME as DB
-
-    npz = db.parent / FILENAME
-    if db.name != DB or db.exists() or not npz.exists():  # only the folder's own database stands in for its npz
-        return
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None  # type: ignore[assignment]
-    with open(db.parent / ".gallery-import.lock", "a+b") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        if db.exists():  # another process imported it while we waited
-            return
-        tmp = db.with_name(f".{db.name}.importing")
-        for suffix in ("", "-journal", "-wal", "-shm"):
-            Path(f"{tmp}{suffix}").unlink(missing_ok=True)  # from an import killed half way
-        from ppfr.deploy.gallery_sqlite import SqliteGallery
-
-        try:
-            names, labels, emb, meta = _read(npz)
-        except GalleryError as exc:  # a bad file beside the database must not stop a server from starting
-            log.warning("skipping the import of %s (the gallery starts without it; the file is left in place): %s",
-                        npz, exc)  # fmt: skip
-            return
-        try:
-            g = SqliteGallery(tmp, meta["method"], meta["embedding_size"])
-            try:
-                g._db.execute("PRAGMA journal_mode=DELETE")  # the file to be renamed into place must be one file
-                _import_into(g, names, labels, emb, str(db))
-            finally:
-                g.close()
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, db)
-        except BaseException:
-            for suffix in ("", "-journal", "-wal", "-shm"):
-                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
-            raise
-        fsync_dir(db.parent)
-
-
-def import_npz(src: str | Path, dst: str | Path, *, index: str = "flat") -> dict[str, int]:
-    """Copy a ``gallery.npz`` (the file, or its folder) into the gallery at ``dst`` (any :func:`open_gallery`
-    URI or path), with the method and embedding size recorded in the npz.
-
-    Read with ``allow_pickle=False`` and fully checked first (GalleryError if unusable). The destination must hold
-    no identity yet (GalleryError otherwise: importing twice would double every template). All identities go in
-    one ``enrol_many`` (one transaction for sqlite). Returns {"identities": n, "embeddings": rows}.
-    """
-    src = Path(src)
-    if src.is_dir():
-        src = src / FILENAME
-    if not src.exists():
-        raise GalleryError(f"no gallery file at {src}")
-    names, labels, emb, meta = _read(src)
-    g = _open(dst, meta["method"], meta["embedding_size"], index, {}, auto_import=False)
-    try:
-        _import_into(g, names, labels, emb, str(dst))
-    finally:
-        g.close()
-    return {"identities": len(names), "embeddings": int(emb.shape[0])}
-
-
-def _import_into(g: GalleryLike, names: list[str], labels: np.ndarray, emb: np.ndarray, where: str) -> None:
-    if len(g):
-        raise GalleryError(f"{where} already holds {len(g)} identities: import into an empty gallery")
-    if names:
-        starts = np.searchsorted(labels, np.arange(len(names) + 1))  # _read returns rows grouped by identity
-        g.enrol_many([(n, emb[starts[i]: starts[i + 1]]) for i, n in enumerate(names)])
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``ppfr gallery import SRC DST`` (or ``python -m ppfr.deploy.gallery import ...``): import a gallery.npz;
-    exit 0, or 2 with a one-line error."""
-    import argparse
-    import sys
-
-    ap = argparse.ArgumentParser(prog="ppfr gallery", description="gallery maintenance")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    imp = sub.add_parser("import", help="import a gallery.npz into a sqlite or qdrant gallery")
-    imp.add_argument("src", help="a gallery.npz, or the folder holding it")
-    imp.add_argument("dst", help="destination: folder, sqlite://..., qdrant://host:port/collection, qdrant+local://...")
-    args = ap.parse_args(argv)
-    try:
-        got = import_npz(args.src, args.dst)
-    except (GalleryError, ValueError, OSError, ImportError) as exc:
-        print(f"ppfr gallery: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"imported {got['identities']} identities ({got['embeddings']} embeddings) into {args.dst}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

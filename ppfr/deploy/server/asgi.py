@@ -1,5 +1,5 @@
-"""``ppfr serve`` on FastAPI + uvicorn: the same endpoints as ``ppfr.deploy.serve`` over the same
-``RecognitionService`` (auth, payload checks, raw-image refusal, bounded queue, batching worker, request isolation),
+"""``ppfr serve`` on FastAPI + uvicorn: the same endpoints as the stdlib stack (``ppfr.deploy.server.stdlib``) over
+the same ``RecognitionService`` (auth, payload checks, raw-image refusal, bounded queue, batching worker, request isolation),
 with OpenAPI at ``/docs``, several worker processes (``--workers N``) and uvicorn's graceful shutdown.
 
 What this module adds to uvicorn (whose h11 protocol has ``timeout_keep_alive`` and ``limit_concurrency`` but no
@@ -22,11 +22,11 @@ deadline for a request to arrive, and whose concurrency limit a slowloris client
   typed OpenAPI document (``/openapi.json``, rendered at ``/docs``): ``Content-Length`` required and checked against ``max_request_bytes`` *before*
   the body is read (413), chunked bodies refused (411), the streamed body capped at the declared length; the body
   is parsed and checked on a thread (it is CPU work), queued work is awaited without holding a thread. Every answer
-  is JSON: an exception escaping a handler is a 500 with ``Connection: close`` (``serve.internal_error``), a verb a
+  is JSON: an exception escaping a handler is a 500 with ``Connection: close`` (``config.internal_error``), a verb a
   route does not take a 405 with ``Allow``.
 
-Run it with ``ppfr serve MODEL --gallery URI --workers N`` (``serve.main``), or in-process with ``AsgiServer``
-(tests). With several workers every process loads the model and opens the gallery, which must then be one that
+Run it with ``ppfr serve MODEL --gallery URI --workers N`` (``ppfr.deploy.server.launch``), or in-process with
+``AsgiServer`` (tests). With several workers every process loads the model and opens the gallery, which must then be one that
 several processes can share (``sqlite://``, a folder, or ``qdrant://``; see ``ppfr.deploy.gallery``).
 """
 
@@ -49,9 +49,10 @@ from fastapi import FastAPI, Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ppfr.deploy import api
-from ppfr.deploy.serve import (
-    _EVICT_IDLE_AFTER, RecognitionService, RequestError, ServeConfig, _Job, internal_error,
-)  # fmt: skip
+from ppfr.deploy.server import admission
+from ppfr.deploy.server.config import RequestError, ServeConfig, internal_error
+from ppfr.deploy.server.service import RecognitionService, open_server_gallery
+from ppfr.deploy.server.worker import Job
 
 log = logging.getLogger("ppfr.serve")
 
@@ -73,32 +74,15 @@ class ConnectionGuard:
         return [c for c in self.conns if not c.evicted]
 
     def admit(self, conn: GuardedH11Protocol) -> str | None:
-        """Register ``conn``; a refusal message if it must be turned away."""
-        live = self.live()
-        cap = self.config.max_connections_per_peer
-        if cap is not None and sum(c.peer == conn.peer for c in live) >= cap:
-            return f"too many connections from {conn.peer} (at most {cap}); retry later"
-        if len(live) >= self.config.max_connections:
-            victim = self._victim(time.monotonic())
-            if victim is None:
-                return "too many connections; retry later"
-            log.info("all %d connection slots taken: evicting a stalled unauthenticated connection from %s",
-                     self.config.max_connections, victim.peer)  # fmt: skip
+        """Register ``conn``; a refusal message if it must be turned away (``ppfr.deploy.server.admission``)."""
+        refusal, victim = admission.admit(self.conns, conn.peer, self.config, busy=lambda c: c.answering())
+        if refusal is not None:
+            return refusal
+        if victim is not None:
             victim.evict()
             self.evictions += 1
         self.conns.add(conn)
         return None
-
-    def _victim(self, now: float) -> GuardedH11Protocol | None:
-        best = None
-        for c in self.conns:
-            if c.evicted or c.authed or c.answering():
-                continue
-            if c.deadline is None and now - c.since < _EVICT_IDLE_AFTER:  # just connected: about to send
-                continue
-            if best is None or c.since < best.since:
-                best = c
-        return best
 
 
 class _RecordingConnection:
@@ -150,9 +134,7 @@ class GuardedH11Protocol(H11Protocol):
         self._head: bytearray | None = bytearray()  # the current request head's bytes, until its blank line
         refusal = guard.admit(self)
         if refusal is not None:
-            body = json.dumps({"error": refusal}).encode()
-            transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-                            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            transport.write(admission.error_response("503 Service Unavailable", refusal, retry=True))
             self.evicted = True  # never counted
             transport.close()
             return
@@ -259,9 +241,7 @@ class GuardedH11Protocol(H11Protocol):
             why = "repeated Content-Length headers: send exactly one"
         elif "content-length" in why.lower():
             why = f"bad Content-Length ({why})"
-        body = json.dumps({"error": why}).encode()
-        self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        self.transport.write(admission.error_response("400 Bad Request", why))
         self.transport.close()
 
 
@@ -283,9 +263,6 @@ def create_app(service: RecognitionService, *, own_service: bool = True) -> Any:
     from starlette.exceptions import HTTPException
     from starlette.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
-    from starlette.requests import ClientDisconnect
-
-    cfg = service.config
 
     @asynccontextmanager
     async def lifespan(app: Any):
@@ -332,50 +309,21 @@ def create_app(service: RecognitionService, *, own_service: bool = True) -> Any:
             raise RequestError(401, "missing or wrong access token (Authorization: Bearer TOKEN)",
                                {"WWW-Authenticate": 'Bearer realm="ppfr"'})  # fmt: skip
 
-    async def _body(request: Request) -> bytes:
-        """The body, after its framing and size were checked from the headers alone (nothing read before)."""
-        if request.headers.get("transfer-encoding"):
-            raise RequestError(411, "send the body with a Content-Length (chunked transfer is not accepted)")
-        lengths = request.headers.getlist("content-length")
-        if len(lengths) > 1:  # h11 refuses these already; another ASGI server might not
-            raise RequestError(400, "repeated Content-Length headers: send exactly one")
-        if not lengths:
-            raise RequestError(411, "Content-Length required")
-        text = lengths[0].strip()
-        if not (text.isascii() and text.isdigit()):
-            raise RequestError(400, f"bad Content-Length {lengths[0]!r}")
-        n, limit = int(text), cfg.max_request_bytes
-        assert limit is not None
-        if n > limit:
-            raise RequestError(413, f"request of {n} bytes exceeds the limit of {limit} bytes "
-                                    f"({service.sample_wire_bytes} bytes per payload sample)")  # fmt: skip
-        buf = bytearray()
-        try:
-            async for chunk in request.stream():
-                buf += chunk
-                if len(buf) > n:  # never more than declared, whatever the server below does
-                    raise RequestError(400, f"request body longer than its Content-Length {n}")
-        except ClientDisconnect:  # went away, or was evicted / cut by the deadline: nobody reads the answer
-            raise RequestError(408, "the request body did not arrive") from None
-        if len(buf) != n:
-            raise RequestError(400, f"request body ended after {len(buf)} of {n} bytes")
-        return bytes(buf)
-
     async def _answer(request: Request, path: str, needs_body: bool) -> Any:
         try:
             if service.ROUTES[path].auth:
                 _auth(request)
             if needs_body:
-                data = await _body(request)
+                data = await _read_body(request, service)
                 ctype = request.headers.get("content-type")
 
-                def check() -> dict | _Job:  # CPU work (JSON / base64 / array checks): off the event loop
+                def check() -> dict | Job:  # CPU work (JSON / base64 / array checks): off the event loop
                     return service.prepare(path, service.parse_body(data, ctype))
 
                 out = await run_in_threadpool(check)
             else:
                 out = service.prepare(path, None)
-            if isinstance(out, _Job):
+            if isinstance(out, Job):
                 out = await service.worker.submit_async(out)
         except RequestError as exc:
             return _error(exc.status, exc.message, exc.headers)
@@ -397,6 +345,38 @@ def create_app(service: RecognitionService, *, own_service: bool = True) -> Any:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="ppfr recognition server")
 
     return app
+
+
+async def _read_body(request: Request, service: RecognitionService) -> bytes:
+    """The body, after its framing and size were checked from the headers alone (nothing read before)."""
+    from starlette.requests import ClientDisconnect
+
+    if request.headers.get("transfer-encoding"):
+        raise RequestError(411, "send the body with a Content-Length (chunked transfer is not accepted)")
+    lengths = request.headers.getlist("content-length")
+    if len(lengths) > 1:  # h11 refuses these already; another ASGI server might not
+        raise RequestError(400, "repeated Content-Length headers: send exactly one")
+    if not lengths:
+        raise RequestError(411, "Content-Length required")
+    text = lengths[0].strip()
+    if not (text.isascii() and text.isdigit()):
+        raise RequestError(400, f"bad Content-Length {lengths[0]!r}")
+    n, limit = int(text), service.config.max_request_bytes
+    assert limit is not None
+    if n > limit:
+        raise RequestError(413, f"request of {n} bytes exceeds the limit of {limit} bytes "
+                                f"({service.sample_wire_bytes} bytes per payload sample)")  # fmt: skip
+    buf = bytearray()
+    try:
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > n:  # never more than declared, whatever the server below does
+                raise RequestError(400, f"request body longer than its Content-Length {n}")
+    except ClientDisconnect:  # went away, or was evicted / cut by the deadline: nobody reads the answer
+        raise RequestError(408, "the request body did not arrive") from None
+    if len(buf) != n:
+        raise RequestError(400, f"request body ended after {len(buf)} of {n} bytes")
+    return bytes(buf)
 
 
 def _endpoint(answer: Any, path: str, has_body: bool) -> Any:
@@ -426,8 +406,7 @@ def app_from_env() -> Any:
     """The uvicorn factory of a worker process (``ppfr serve --workers N``): builds the runner, the gallery and
     the service from ``$PPFR_SERVE_SPEC`` (JSON) and the token from ``$PPFR_TOKEN``."""
     global _PROCESS_GUARD
-    from ppfr.deploy.runner import load_runner
-    from ppfr.deploy.serve import open_server_gallery
+    from ppfr.deploy.runtime import load_runner
 
     spec = json.loads(os.environ[SPEC_ENV])
     token = os.environ.get("PPFR_TOKEN", "")
@@ -452,13 +431,11 @@ class UvicornServer(uvicorn.Server):
 
 
 class AsgiServer:
-    """The ASGI stack in-process, in a background thread: the interface of ``serve.RecognitionServer``
+    """The ASGI stack in-process, in a background thread: the interface of ``stdlib.RecognitionServer``
     (``start``, ``close``, ``url``, ``address``, ``service``, context manager)."""
 
     def __init__(self, runner: Any, gallery: Any, token: str, host: str = "127.0.0.1", port: int = 0,
                  config: ServeConfig | None = None) -> None:  # fmt: skip
-        from ppfr.deploy.serve import open_server_gallery
-
         if isinstance(gallery, (str, Path)):
             gallery = open_server_gallery(gallery, runner)
         try:

@@ -1,4 +1,5 @@
-"""NVIDIA Triton Inference Server model repositories from ppfr exports.
+"""Model repositories of the NVIDIA Triton Inference Server (the inference server, not the Triton kernel language
+of ``kernels/``) from ppfr exports; ``ppfr.deploy.runtime.triton_server`` is the runner that calls such a server.
 
 Layout (``write_triton_model``)::
 
@@ -21,13 +22,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ppfr.deploy import meta
+from ppfr.deploy.export import metadata as meta
 
 PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".engine": ("tensorrt_plan", "model.plan"),
              ".plan": ("tensorrt_plan", "model.plan")}  # fmt: skip
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "int64": "TYPE_INT64",
                   "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}  # fmt: skip
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def _q(s: str) -> str:
@@ -44,7 +45,7 @@ def _metadata(model_file: Path) -> dict[str, Any]:
         props: dict[str, Any] = meta.read_onnx_metadata(model_file)
         meta.check_metadata(props, str(model_file))
         return props
-    from ppfr.deploy.tensorrt import read_sidecar
+    from ppfr.deploy.export.tensorrt import read_sidecar
 
     return read_sidecar(model_file)
 
@@ -52,7 +53,7 @@ def _metadata(model_file: Path) -> dict[str, Any]:
 def triton_config(name: str, platform: str, props: dict[str, Any], max_batch_size: int,
                   preferred_batch_sizes: tuple[int, ...] = (8, 32), max_queue_delay_us: int = 500,
                   instance_count: int = 1, kind: str = "KIND_AUTO") -> str:  # fmt: skip
-    """The config.pbtxt text for a ppfr export with metadata ``props`` (see ppfr.deploy.meta)."""
+    """The config.pbtxt text for a ppfr export with metadata ``props`` (see ppfr.deploy.export.metadata)."""
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     if kind not in ("KIND_AUTO", "KIND_GPU", "KIND_CPU"):
@@ -103,8 +104,8 @@ def write_triton_model(model_file: str | Path, repo: str | Path, model_name: str
     platform, target_name = PLATFORMS[model_file.suffix]
     props = _metadata(model_file)
     name = model_name or f"{props['ppfr_method']}_{props['ppfr_part']}"
-    if not _NAME.match(name):
-        raise ValueError(f"model name {name!r} must match {_NAME.pattern} (it is a directory name)")
+    if not MODEL_NAME.match(name):
+        raise ValueError(f"model name {name!r} must match {MODEL_NAME.pattern} (it is a directory name)")
     if platform == "tensorrt_plan":
         engine_max = int(props["max_batch"])
         if max_batch_size is not None and max_batch_size > engine_max:
@@ -120,56 +121,3 @@ def write_triton_model(model_file: str | Path, repo: str | Path, model_name: str
     (model_dir / "config.pbtxt").write_text(text)
     (model_dir / "ppfr_metadata.json").write_text(json.dumps({k: props.get(k) for k in meta.KEYS}, indent=1))
     return model_dir
-
-
-# ------------------------------------------------------------------------------- serving through Triton
-# numpy / ppfr dtype names -> Triton's wire datatypes (the KServe v2 names the gRPC client takes)
-TRITON_DATATYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
-                    "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}  # fmt: skip
-TRITON_SCHEMES = ("triton", "triton+grpc")
-
-
-def parse_triton_url(url: str) -> tuple[str, str | None]:
-    """``triton://host:port[/model]`` -> ("host:port", model or None); ValueError for anything else."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.scheme not in TRITON_SCHEMES or not parts.hostname:
-        raise ValueError(f"expected triton://host:port[/model], got {url!r}")
-    model = parts.path.strip("/") or None
-    if model is not None and not _NAME.match(model):
-        raise ValueError(f"{url}: model name {model!r} must match {_NAME.pattern}")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{host}:{parts.port or 8001}", model  # 8001: Triton's gRPC port
-
-
-def config_spec(config: Any) -> dict[str, Any]:
-    """What a runner needs from a Triton ``ModelConfig`` protobuf that ``write_triton_model`` wrote: its name, the
-    ppfr method and part, the input spec (per-sample), the outputs and ``max_batch_size``. ValueError if the model
-    carries no ppfr metadata (not exported by ppfr) or does not batch."""
-    params = {k: v.string_value for k, v in config.parameters.items()}
-    props = {**params, "ppfr_part": params.get("ppfr_part", "")}
-    meta.check_metadata(props, f"Triton model {config.name!r}")
-    if config.max_batch_size < 1:
-        raise ValueError(f"Triton model {config.name!r} has max_batch_size {config.max_batch_size}: ppfr exports "
-                         "batch (re-export with ppfr export --format triton)")  # fmt: skip
-    spec = meta.spec_from_json(props["ppfr_input_spec"])
-    declared = [i.name for i in config.input]
-    if declared != list(spec):
-        raise ValueError(f"Triton model {config.name!r}: inputs {declared} do not match its ppfr_input_spec "
-                         f"{list(spec)}")  # fmt: skip
-    return {"name": config.name, "method": props["ppfr_method"], "part": props["ppfr_part"], "input_spec": spec,
-            "outputs": meta.outputs_from_json(props["ppfr_output"]), "max_batch_size": int(config.max_batch_size)}
-
-
-def infer_request(grpc: Any, input_spec: dict[str, Any], inputs: dict[str, Any],
-                  outputs: list[str]) -> tuple[list[Any], list[Any]]:  # fmt: skip
-    """Validated payload arrays (B, *per-sample shape), in the spec's order -> (``InferInput`` list, ``InferRequested
-    Output`` list) of ``grpc`` (the ``tritonclient.grpc`` module, or a stand-in with the same two classes)."""
-    reqs = []
-    for name, s in input_spec.items():
-        a = inputs[name]
-        inp = grpc.InferInput(name, [int(d) for d in a.shape], TRITON_DATATYPES[meta.dtype_name(s.dtype)])
-        inp.set_data_from_numpy(a)
-        reqs.append(inp)
-    return reqs, [grpc.InferRequestedOutput(o) for o in outputs]

@@ -1,8 +1,9 @@
 """Metadata shared by exported graphs, engines and runners: the input spec as JSON, the metadata keys, digests,
 reading an ONNX file's metadata and opening it in ONNX Runtime.
 
-The bottom of ``ppfr.deploy``'s imports, which go one way: ``runner`` -> ``export`` -> ``tensorrt`` -> ``meta``
-(``runner`` -> ``triton`` -> ``tensorrt``, ``meta``). What two of them share lives here, never in the higher one.
+The bottom of the export / runtime imports, which go one way: ``runtime`` -> ``export.onnx`` ->
+``export.tensorrt`` -> ``export.metadata`` (and ``export.model_repository`` -> ``export.tensorrt``, ``metadata``).
+What two of them share lives here, never in the higher one.
 
 Every exported artefact says what it is without the Python model: an ONNX file carries ``metadata_props``, a
 TensorRT engine a sidecar ``<engine>.json``, both with the same keys (:data:`KEYS`):
@@ -31,12 +32,12 @@ import numpy as np
 import torch
 
 from ppfr._backend import BackendUnavailableError
-from ppfr.methods.base import TensorSpec
+from ppfr.methods.base import EMBEDDING_OUTPUT, TensorSpec
 
 KEYS = ("ppfr_version", "ppfr_method", "ppfr_part", "ppfr_input_spec", "ppfr_output", "ppfr_opset", "ppfr_source",
         "ppfr_source_sha256", "ppfr_method_options")  # fmt: skip
 PARTS = ("server", "client")
-EMBEDDING = "embedding"
+EMBEDDING = EMBEDDING_OUTPUT  # the server graph's output (named by the method protocol)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64, "int64": torch.int64,
            "int32": torch.int32, "uint8": torch.uint8, "int8": torch.int8, "bool": torch.bool}  # fmt: skip
@@ -114,12 +115,6 @@ def check_metadata(meta: dict[str, str], where: str) -> None:
                          "(or ppfr.deploy.export.export_onnx)")  # fmt: skip
     if meta["ppfr_part"] not in PARTS:
         raise ValueError(f"{where}: ppfr_part must be one of {PARTS}, got {meta['ppfr_part']!r}")
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """(B, D) -> (B, D) float32 rows of unit norm (an all-zero row stays zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def read_onnx_metadata(path: str | Path) -> dict[str, str]:
