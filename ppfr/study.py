@@ -415,7 +415,8 @@ def refresh_insider(target, attack_dir: Path, train, val, acfg, judge, log=print
     insider section into the row's linkage section and recomputes the strongest form; None when the study runs no
     insider form."""
     from ppfr.eval.attacks.cli import run_target
-    from ppfr.eval.attacks.linkage import combine_forms, resolve_forms
+    from ppfr.eval.attacks.linkage import combine_forms
+    from ppfr.eval.attacks.linkers import resolve_forms
 
     path = attack_dir / target.label / "result.json"
     res = json.loads(path.read_text())

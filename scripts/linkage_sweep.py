@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from ppfr.eval.attacks import common as atk
-    from ppfr.eval.attacks.linkage import LinkageAttack, clean_embeddings, finetune_linker, frozen_teacher
+    from ppfr.eval.attacks.linkage import LinkageAttack
+    from ppfr.eval.attacks.linkers import clean_embeddings, finetune_linker, frozen_teacher
     from ppfr.study import split_holdout
 
     out = Path(a.out)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     target = atk.resolve_target(a.model)
     ctx = atk.AttackContext(target, train, val, cfg, judge, log=print)
     attack = LinkageAttack()
-    anchor = clean_embeddings(judge, val).all()
+    anchor = clean_embeddings(judge, val, batch_size=cfg.eval_batch_size).all()
     rows = []
     t0 = time.perf_counter()
     adapter, summary = attack.train_form(ctx, "adapter")

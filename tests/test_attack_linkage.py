@@ -1,4 +1,4 @@
-"""Tests of the identity-linkage attack (ppfr.eval.attacks.linkage) on synthetic faces and a tiny random teacher.
+"""Tests of the identity-linkage attack (ppfr.eval.attacks.linkage, .linkers, .linkage_score) on synthetic faces and a tiny random teacher.
 
 No shared data or face-api weights: the teacher is ``Judge("toy", embed=<a small fixed conv net>)``; faces are
 per-identity random patterns plus per-face noise. Figures checked exactly where they are hand-computable (the
@@ -20,10 +20,9 @@ from ppfr.data.sources import PairSource
 from ppfr.eval.attacks.common import (
     RESULT_KEYS, AttackConfig, AttackContext, AttackError, FaceSet, Judge, protect_with, resolve_target,
 )  # fmt: skip
-from ppfr.eval.attacks.linkage import (
-    LinkageAttack, Linker, build_linker, frozen_teacher, gallery_split, inverter_for, linkage_metrics, tar_at_fmr,
-    train_linker,
-)  # fmt: skip
+from ppfr.eval.attacks.linkage import LinkageAttack
+from ppfr.eval.attacks.linkage_score import gallery_split, linkage_metrics, tar_at_fmr
+from ppfr.eval.attacks.linkers import Linker, build_linker, frozen_teacher, inverter_for, train_linker
 
 S = 112
 N_ID, PER_ID = 6, 3
@@ -203,7 +202,9 @@ def test_identity_adapter_starts_as_the_identity(train, teacher):
 
 
 def test_identity_harness_matches_the_teacher(train, val_pairs, teacher):
-    sec = LinkageAttack().run(_ctx("identity", train, val_pairs, teacher, linkage_form="adapter"))
+    # lr ~0: the untrained identity adapter already reproduces the teacher (loss ~1e-7), and Adam would normalise
+    # those float-noise gradients into lr-sized steps that flip near-ties; this checks the data path and scoring
+    sec = LinkageAttack().run(_ctx("identity", train, val_pairs, teacher, linkage_form="adapter", linkage_lr=1e-9))
     tc = sec["teacher_clean"]
     assert 0.0 < tc["linkage_top1"] < 1.0  # the toy problem is neither trivial nor hopeless
     assert sec["linkage_top1"] == tc["linkage_top1"]
@@ -306,7 +307,7 @@ def test_time_limit_stops_training(train, val_pairs, teacher):
 # ------------------------------------------------------------------------------------------------ the forms
 def test_linkage_forms_parse_and_refuse():
     assert _cfg(linkage_form="insider,adapter").linkage_form == "insider,adapter"
-    from ppfr.eval.attacks.linkage import resolve_forms
+    from ppfr.eval.attacks.linkers import resolve_forms
 
     assert resolve_forms(_cfg()) == ["adapter", "finetune", "insider"]  # auto: every form but the student
     assert resolve_forms(_cfg(linkage_form="insider,adapter")) == ["adapter", "insider"]  # run order
@@ -360,7 +361,7 @@ def test_auto_reports_every_form_and_the_strongest(train, val_pairs, teacher):
 
 
 def test_finetune_trains_a_copy_never_the_teacher(train, teacher):
-    from ppfr.eval.attacks.linkage import finetune_linker, split_identities
+    from ppfr.eval.attacks.linkers import finetune_linker, split_identities
 
     state = {k: v.clone() for k, v in teacher.state_dict().items()}
     judge = Judge("toy", embed=teacher)
@@ -385,7 +386,7 @@ def identity_index_of(faces: FaceSet, idx: torch.Tensor) -> list[int]:
 
 
 def test_clean_embeddings_computed_once_per_face(train):
-    from ppfr.eval.attacks.linkage import clean_embeddings
+    from ppfr.eval.attacks.linkers import clean_embeddings
 
     calls = []
     net = ToyTeacher()
@@ -406,7 +407,7 @@ def test_clean_embeddings_computed_once_per_face(train):
 
 
 def test_linkage_init_loads_all_but_the_payload_specific_part(train, tmp_path):
-    from ppfr.eval.attacks.linkage import load_linker_init, save_linker
+    from ppfr.eval.attacks.linkers import load_linker_init, save_linker
 
     method = resolve_target("identity").method
     cfg = _cfg()

@@ -5,8 +5,9 @@ Kinds (docs/attack.md):
 * ``inversion`` (:mod:`.inversion`) -- closed-form least-squares recovery of the face from a payload that is a
   known linear function of the image (the method declares it: :meth:`ppfr.methods.Method.payload_operator`), with
   the per-image secret (PartialFace's rank) searched by residual, not given.
-* ``linkage`` (:mod:`.linkage`) -- FaceLinkGen-style identity linkage: a model trained so that a pretrained
-  teacher's embedding space links protected queries to a clean gallery.
+* ``linkage`` (:mod:`.linkage`) -- FaceLinkGen-style identity linkage in several forms (a model trained so that a
+  pretrained teacher's embedding space links protected queries to a clean gallery, the teacher fine-tuned, the
+  server's own recogniser); the models are in :mod:`.linkers`, the 1:N / 1:1 scoring in :mod:`.linkage_score`.
 * ``recovery`` (:mod:`.recovery`) -- the papers' learned U-Net recovery (METHODS.md §7.4).
 
 Shared pieces (targets, faces, the judge, scoring, result files) are in :mod:`.common`; ``ppfr attack`` is

@@ -18,12 +18,10 @@ holding the client's key). It regresses the RGB face and is scored on held-out i
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
