@@ -115,7 +115,7 @@ def test_a_resumed_plan_keeps_one_schedule_for_new_runs():
 
 
 def test_verify_cached_reuses_until_the_model_or_the_pairs_change(tmp_path, monkeypatch):
-    import ppfr.study as study
+    import ppfr.study.evaluation as study
 
     calls: list[str] = []
     monkeypatch.setattr(study, "verify", lambda m, c: calls.append(c.pairs) or {"flip": {"accuracy": len(calls)}})
@@ -181,7 +181,8 @@ def test_study_runs_pair_scratch_and_transfer_rows(tmp_path):
 
 
 def test_transfer_schedule_config_keeps_the_transfer_recipe(tmp_path):
-    from ppfr.study import _argv, chart_title, stage_epochs, study_runs, train_config
+    from ppfr.study import chart_title, stage_epochs, study_runs, train_config
+    from ppfr.study.report import _argv
     from ppfr.train.config import load_config
 
     cfg = StudyConfig(data="d", pairs="p", out=str(tmp_path), configs=str(ROOT / "configs"), transfer=True,
@@ -348,7 +349,7 @@ def test_reused_row_reruns_the_insider_with_its_own_recogniser(tmp_path):
 
 
 def test_budget_study_plans_prints_and_skips_what_does_not_fit(tmp_path, monkeypatch):
-    import ppfr.study as study
+    import ppfr.study.run as study
 
     data, pairs = _dataset(tmp_path)
     real = study.plan_budget

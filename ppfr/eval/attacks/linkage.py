@@ -121,6 +121,10 @@ class LinkageAttack(Attack):
         form."""
         cfg = ctx.cfg
         forms = resolve_forms(cfg)
+        if ctx.judge is None:
+            # every figure of the kind is read against the teacher's clean-gallery anchor; a run without a judge
+            # records each form as skipped, the insider included, rather than a table without its anchor row
+            return combine_forms({f: _skipped(self.NO_TEACHER, f) for f in forms})
         n_gallery = len(torch.unique(identity_index(ctx.val)))
         if cfg.linkage_topk > n_gallery:
             raise AttackError(f"AttackConfig.linkage_topk={cfg.linkage_topk} exceeds the {n_gallery} held-out "
@@ -128,15 +132,11 @@ class LinkageAttack(Attack):
         sections: dict[str, dict[str, Any]] = {}
         grid_images = None
         adapter: Linker | None = None
-        anchor = (clean_embeddings(ctx.judge, ctx.val, ctx.device, cfg.eval_batch_size).all()
-                  if ctx.judge is not None else None)  # fmt: skip
+        anchor = clean_embeddings(ctx.judge, ctx.val, ctx.device, cfg.eval_batch_size).all()
         for form in forms:
             t0 = time.perf_counter()
             if form == "insider":
                 sections[form] = self.run_insider(ctx, anchor, t0)
-                continue
-            if ctx.judge is None:
-                sections[form] = _skipped(self.NO_TEACHER, form)
                 continue
             try:
                 if form == "finetune" and adapter is None:
@@ -212,13 +212,13 @@ class LinkageAttack(Attack):
         self._log(ctx, sec)
         return sec, images
 
-    def run_insider(self, ctx: AttackContext, anchor: torch.Tensor | None, t0: float) -> dict[str, Any]:
+    def run_insider(self, ctx: AttackContext, anchor: torch.Tensor, t0: float) -> dict[str, Any]:
         cfg = ctx.cfg
         try:
             queries, refs = insider_embeddings(ctx)
         except NotImplementedError:
             return _skipped(f"{ctx.method.name} has no server recogniser to link with (insider form)", "insider")
-        sec = score_linkage(queries, refs, ctx.val, cfg.linkage_topk, anchor if anchor is not None else refs)
+        sec = score_linkage(queries, refs, ctx.val, cfg.linkage_topk, anchor)
         sec.update({
             "ssim": None, "psnr": None, "reid_acc": None, "key_recovery": None, "form": "insider",
             "teacher": None, "secrets": cfg.secrets, "n_faces": len(ctx.val), "parameters": 0, "train": None,
