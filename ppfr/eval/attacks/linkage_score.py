@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ppfr.data.sources import PairSource
 from ppfr.eval.attacks.common import AttackError, FaceSet, identity_index
-from ppfr.eval.verification import VerificationResult, ten_fold
+from ppfr.eval.verification import ten_fold
 
 # The FMRs of ``tar_at_fmr``, keyed as they appear in result.json.
 FMRS: dict[str, float] = {"1e-2": 1e-2, "1e-3": 1e-3}
@@ -95,10 +95,10 @@ def gallery_split(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.nonzero(is_gallery).flatten(), torch.nonzero(~is_gallery).flatten()
 
 
-def cross_pair_verification(query_emb: torch.Tensor, ref_emb: torch.Tensor, labels: torch.Tensor,
-                            pairs: np.ndarray) -> VerificationResult | None:  # fmt: skip
-    """10-fold verification of asymmetric pairs: row (fold, same, a, b) of a pair list compares image a's *query*
-    embedding with image b's *reference* embedding (protected a vs clean b).
+def cross_pair_scores(query_emb: torch.Tensor, ref_emb: torch.Tensor, labels: torch.Tensor,
+                      pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:  # fmt: skip
+    """Asymmetric pairs: row (fold, same, a, b) of a pair list compares image a's *query* embedding with image b's
+    *reference* embedding (protected a vs clean b). Returns (sims (P,), same (P,) bool, folds (P,)), cosine.
 
     query_emb, ref_emb (N, D): row i is the held-out face whose pair-list file index is ``labels[i]``. Pairs that
     name an image not loaded are left out; None when none is left.
@@ -112,35 +112,22 @@ def cross_pair_verification(query_emb: torch.Tensor, ref_emb: torch.Tensor, labe
     if not bool(keep.any()):
         return None
     q, r = F.normalize(query_emb.double(), dim=1), F.normalize(ref_emb.double(), dim=1)
-    sims = (q[a[keep]] * r[b[keep]]).sum(1).numpy()
     kept = pairs[keep.numpy()]
-    return ten_fold(sims, kept[:, 1].astype(bool), kept[:, 0])
+    return (q[a[keep]] * r[b[keep]]).sum(1).numpy(), kept[:, 1].astype(bool), kept[:, 0]
 
 
-
-def _pair_row(res: VerificationResult | None, tar: dict[str, dict[str, float]] | None = None) -> dict[str, Any] | None:
-    return None if res is None else {"accuracy": res.accuracy, "std": res.std, "threshold": res.threshold,
-                                     "auc": res.auc, "pairs": res.pairs, "tar_at_fmr": tar}  # fmt: skip
-
-
-def cross_pair_tar(query_emb: torch.Tensor, ref_emb: torch.Tensor, labels: torch.Tensor,
-                   pairs: np.ndarray) -> dict[str, dict[str, float]] | None:  # fmt: skip
-    """1:1 TAR at each FMR of :data:`FMRS` over the (protected a, reference b) pairs of a pair list, the threshold
-    of each fold chosen on the other nine (:func:`ppfr.eval.verification.ten_fold_tar`)."""
+def one_to_one(query_emb: torch.Tensor, ref_emb: torch.Tensor, labels: torch.Tensor,
+               pairs: np.ndarray) -> dict[str, Any] | None:  # fmt: skip
+    """The 1:1 row of :func:`cross_pair_scores`' pairs: 10-fold accuracy (:func:`ten_fold`) and TAR at each FMR of
+    :data:`FMRS` (:func:`ten_fold_tar`), every fold's threshold chosen on the other nine; None without pairs."""
     from ppfr.eval.verification import ten_fold_tar
 
-    labels = torch.as_tensor(labels).long()
-    n = int(max(int(labels.max()), int(pairs[:, 2:].max()))) + 1
-    row = torch.full((n,), -1, dtype=torch.long)
-    row[labels] = torch.arange(len(labels))
-    a, b = row[torch.from_numpy(pairs[:, 2])], row[torch.from_numpy(pairs[:, 3])]
-    keep = (a >= 0) & (b >= 0)
-    if not bool(keep.any()):
+    scores = cross_pair_scores(query_emb, ref_emb, labels, pairs)
+    if scores is None:
         return None
-    q, r = F.normalize(query_emb.double(), dim=1), F.normalize(ref_emb.double(), dim=1)
-    sims = (q[a[keep]] * r[b[keep]]).sum(1).numpy()
-    kept = pairs[keep.numpy()]
-    return {name: ten_fold_tar(sims, kept[:, 1].astype(bool), kept[:, 0], f) for name, f in FMRS.items()}
+    res = ten_fold(*scores)
+    return {"accuracy": res.accuracy, "std": res.std, "threshold": res.threshold, "auc": res.auc,
+            "pairs": res.pairs, "tar_at_fmr": {k: ten_fold_tar(*scores, f) for k, f in FMRS.items()}}  # fmt: skip
 
 
 def score_linkage(linked: torch.Tensor, ref: torch.Tensor, val: FaceSet, topk: int,
@@ -162,9 +149,8 @@ def score_linkage(linked: torch.Tensor, ref: torch.Tensor, val: FaceSet, topk: i
     if isinstance(val.source, PairSource):
         pairs = val.source.pairs
         for res, (q, r) in ((out, (linked, ref)), (anc, (anchor, anchor))):
-            vr = cross_pair_verification(q, r, val.labels, pairs)
-            res["pair"] = _pair_row(vr, cross_pair_tar(q, r, val.labels, pairs) if vr is not None else None)
-            res["pair_acc"] = vr.accuracy if vr is not None else None
+            res["pair"] = one_to_one(q, r, val.labels, pairs)
+            res["pair_acc"] = res["pair"]["accuracy"] if res["pair"] is not None else None
     chance = chance_metrics(len(gal), topk)
     if out["pair_acc"] is None:
         chance["pair_acc"] = None
