@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="finetune form: the teacher copy's lr as a multiple of --linkage-lr (default %(default)s)")
     ap.add_argument("--finetune-loss", default=d.finetune_loss, choices=["centred", "cosine"],
                     help="finetune form: batch-centred cosine (default) or FaceLinkGen's plain 1 - cos")
+    ap.add_argument("--insider-views", type=int, default=d.insider_views,
+                    help="insider form: protections of each clean photo averaged into its enrolment, every other "
+                         "one mirrored (default %(default)s)")
     ap.add_argument("--linkage-init", default=None, metavar="LINKER_PT",
                     help="start the linker from a linker_<form>.pt an earlier run wrote (few-shot transfer)")
     ap.add_argument("--max-train-images", type=int, default=d.max_train_images,
@@ -302,7 +305,7 @@ def config_from_args(args: argparse.Namespace) -> AttackConfig:
                         linkage_batch_size=args.linkage_batch_size, linkage_lr=args.linkage_lr,
                         linkage_topk=args.linkage_topk, finetune_steps=args.finetune_steps,
                         finetune_lr_mult=args.finetune_lr_mult, finetune_loss=args.finetune_loss,
-                        linkage_init=args.linkage_init)  # fmt: skip
+                        linkage_init=args.linkage_init, insider_views=args.insider_views)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

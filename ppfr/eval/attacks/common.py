@@ -248,6 +248,8 @@ class AttackConfig:
         plain 1 - cos, which collapses on face-api.js: see docs/attack.md).
     select_share: share of the public identities ``finetune`` holds out of its unfrozen phase to choose, by
         linkage top-1 on them, between the phase's start (the adapter), middle and end. Never the scored faces.
+    insider_views: protections of each clean photo the insider averages into its enrolment (independent secrets,
+        every other one mirrored: flip TTA); 1 = one protection, the plain photo.
     linkage_init: a ``linker_<form>.pt`` written by an earlier linkage run (against any method): the linker starts
         from its weights wherever the shapes match (few-shot transfer; ``--max-train-images 256``).
     """
@@ -283,6 +285,7 @@ class AttackConfig:
     finetune_warmup: int = 10
     finetune_loss: str = "centred"
     select_share: float = 0.2
+    insider_views: int = 4
     linkage_init: str | None = None
 
     def __post_init__(self) -> None:
@@ -290,7 +293,7 @@ class AttackConfig:
                         ("max_train_images", 1), ("norm_batches", 1), ("eval_batch_size", 1), ("grid_images", 0),
                         ("seed", 0), ("log_every", 1), ("inversion_patch", 4), ("linkage_steps", 1),
                         ("linkage_batch_size", 2), ("linkage_topk", 1), ("finetune_steps", 1),
-                        ("finetune_warmup", 0)):  # fmt: skip
+                        ("finetune_warmup", 0), ("insider_views", 1)):  # fmt: skip
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise AttackError(f"AttackConfig.{key} must be an integer >= {lo}, got {v!r}")

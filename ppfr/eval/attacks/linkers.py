@@ -562,14 +562,19 @@ INSIDER_GALLERY_STREAM = 3  # the insider's gallery secrets: independent of the 
 def insider_embeddings(ctx: AttackContext) -> tuple[torch.Tensor, torch.Tensor]:
     """The insider form: the server holds the client it trained, so it protects each held-out face itself and
     embeds it with its own recogniser. Returns (queries, references), each (N, D) L2-normalised float32 on the CPU:
-    row i = held-out face i protected with the evaluation secrets (``EVAL_STREAM``, as every form's queries) /
-    with independent secrets (:data:`INSIDER_GALLERY_STREAM`; the fixed key under ``secrets=fixed``), both through
-    ``method.recognize``. Nothing is trained. NotImplementedError where the method has no server."""
+    row i = held-out face i protected with the evaluation secrets (``EVAL_STREAM``, as every form's queries), and
+    the server's own enrolment of it: the mean of ``cfg.insider_views`` embeddings of the clean photo protected
+    with independent secrets (:data:`INSIDER_GALLERY_STREAM`; the fixed key under ``secrets=fixed``), every other
+    view of the mirrored photo -- the flip-TTA template a recogniser enrols with, which the insider can build
+    because it holds the clean photo. All through ``method.recognize``; nothing is trained. NotImplementedError where
+    the method has no server."""
     cfg, val, method = ctx.cfg, ctx.val, ctx.method
     q, g = [], []
     for k, start in enumerate(range(0, len(val), cfg.eval_batch_size)):
         x = val.batch(torch.arange(start, min(start + cfg.eval_batch_size, len(val)))).to(ctx.device)
         q.append(F.normalize(method.recognize(protect_with(method, x, cfg, EVAL_STREAM, k)).float(), dim=1).cpu())
-        g.append(F.normalize(method.recognize(protect_with(method, x, cfg, INSIDER_GALLERY_STREAM, k)).float(),
-                             dim=1).cpu())  # fmt: skip
+        views = [F.normalize(method.recognize(protect_with(method, x.flip(-1) if v % 2 else x, cfg,
+                                                           INSIDER_GALLERY_STREAM, k * cfg.insider_views + v)).float(),
+                             dim=1) for v in range(cfg.insider_views)]  # fmt: skip
+        g.append(F.normalize(torch.stack(views).sum(0), dim=1).cpu())
     return torch.cat(q), torch.cat(g)
