@@ -27,7 +27,7 @@ Forms (``AttackConfig.linkage_form``; ``auto`` = adapter, finetune and insider; 
       trainable, fed the payload as an image through the trained adapter (the fixed read-out above where the
       payload is an image; the learned stem where it is not: DCT channel stacks, feature maps). Recipe chosen by a
       sweep on public identities only (docs/attack.md): the adapter's weights as the start (a frozen first phase),
-      then both trained, the copy at a tenth of the rate after a warm-up, on the batch-centred cosine (the plain
+      then both trained, the copy at a hundredth of the rate after a warm-up, on the batch-centred cosine (the plain
       1 - cos collapses on face-api.js, whose descriptors of different people have cosine ~0.9); queries and
       gallery are scored centred on their means over public faces; the start, middle or end of that phase is kept
       by linkage top-1 on public identities held out of it (:func:`finetune_linker`).
