@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ppfr.cli import main as ppfr_main
+from tests._cli import one_line_error
 
 TINY = """\
 name: tiny
@@ -34,15 +35,6 @@ def tiny(tmp_path) -> Path:
     return path
 
 
-def _one_line_error(capsys, rc: int, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
-    return err
-
-
 @pytest.mark.parametrize("override, needles", [
     ("max_steps_per_epoch=-5", ["max_steps_per_epoch", "-5"]),
     ("data.source=/nonexistent", ["data.source", "/nonexistent"]),
@@ -57,7 +49,7 @@ def _one_line_error(capsys, rc: int, *needles: str) -> str:
     ("threads=0", ["threads"]),
 ])  # fmt: skip
 def test_train_user_errors_are_one_line(tiny, capsys, override, needles):
-    err = _one_line_error(capsys, ppfr_main(["train", str(tiny), override]), *needles)
+    err = one_line_error(capsys, ppfr_main(["train", str(tiny), override]), *needles)
     assert err.startswith("ppfr train: ")
     if override.startswith("eval.batch_size"):
         assert "DataConfig" not in err
@@ -83,23 +75,23 @@ def test_eval_binary_data_file_is_one_line(tmp_path, tiny, capsys):
     pkl.write_bytes(pickle.dumps({"pairs": [(b"\xff\xfe", 1)] * 10}))
     capsys.readouterr()
     rc = ppfr_main(["eval", str(model), "--data", str(pkl), "--out", str(tmp_path / "ev")])
-    _one_line_error(capsys, rc, str(pkl), "--data")
+    one_line_error(capsys, rc, str(pkl), "--data")
 
 
 def test_a_folder_where_a_pair_list_is_expected_is_one_line(tmp_path, tiny, capsys):
     """The common slip: the image folder passed as the pair list, to ``ppfr eval --data`` or ``eval.pairs``."""
     folder = tmp_path / "faces"
     (folder / "id0").mkdir(parents=True)
-    _one_line_error(capsys, ppfr_main(["train", str(tiny), f"eval.pairs={folder}"]), "eval.pairs", str(folder))
+    one_line_error(capsys, ppfr_main(["train", str(tiny), f"eval.pairs={folder}"]), "eval.pairs", str(folder))
     assert ppfr_main(["train", str(tiny)]) == 0
     model = tiny.parent / "runs" / "tiny" / "model.pt"
     capsys.readouterr()
     rc = ppfr_main(["eval", str(model), "--data", str(folder), "--out", str(tmp_path / "ev")])
-    _one_line_error(capsys, rc, str(folder))
+    one_line_error(capsys, rc, str(folder))
 
 
 def test_train_unknown_config_name_lists_the_shipped_configs(capsys):
-    _one_line_error(capsys, ppfr_main(["train", "partialface_tiyn"]), "partialface_tiyn", "partialface_tiny")
+    one_line_error(capsys, ppfr_main(["train", "partialface_tiyn"]), "partialface_tiyn", "partialface_tiny")
 
 
 def test_train_finds_a_shipped_config_by_name_anywhere(tmp_path, monkeypatch):
@@ -143,7 +135,7 @@ def test_existing_run_folder_needs_resume_or_overwrite(tiny, capsys):
     before = _bytes(run)
     capsys.readouterr()
     # before: a second `ppfr train` appended to metrics.csv and kept the first run's checkpoints
-    _one_line_error(capsys, ppfr_main(["train", str(tiny), "seed=5"]), str(run), "--resume", "--overwrite")
+    one_line_error(capsys, ppfr_main(["train", str(tiny), "seed=5"]), str(run), "--resume", "--overwrite")
     assert _bytes(run) == before
     (run / "checkpoints" / "step_00000099.pt").write_bytes(b"a stale checkpoint of the old run")
     assert ppfr_main(["train", str(tiny), "seed=5", "--overwrite"]) == 0
@@ -152,7 +144,7 @@ def test_existing_run_folder_needs_resume_or_overwrite(tiny, capsys):
     assert rows[0].startswith("stage,") and len(rows) == 2  # the new run's one step only
     assert "seed: 5" in (run / "config.yaml").read_text()
     capsys.readouterr()
-    _one_line_error(capsys, ppfr_main(["train", str(tiny), "--resume", "--overwrite"]), "--resume", "--overwrite")
+    one_line_error(capsys, ppfr_main(["train", str(tiny), "--resume", "--overwrite"]), "--resume", "--overwrite")
 
 
 def test_resume_of_a_finished_run_changes_nothing(tiny, capsys):
@@ -188,8 +180,8 @@ def test_resume_uses_the_saved_config_and_refuses_experiment_changes(tiny, capsy
     capsys.readouterr()
     # an experiment key changed on resume: refused, one line naming it, nothing written
     before = _bytes(run)
-    _one_line_error(capsys, ppfr_main(["train", str(tiny), "optim.lr=0.5", "--resume"]), "optim.lr", "--resume")
-    _one_line_error(capsys, ppfr_main(["train", str(tiny), "--resume", "seed=4"]), "seed", "--resume")
+    one_line_error(capsys, ppfr_main(["train", str(tiny), "optim.lr=0.5", "--resume"]), "optim.lr", "--resume")
+    one_line_error(capsys, ppfr_main(["train", str(tiny), "--resume", "seed=4"]), "seed", "--resume")
     assert _bytes(run) == before
     # runtime keys may change (documented allow-list); name/out_dir come from the folder
     from ppfr.train.config import load_run_config

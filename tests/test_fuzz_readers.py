@@ -33,6 +33,7 @@ from ppfr.data import DataFormatError, binset, open_source, pairs, recordio, sca
 from ppfr.data._common import MAX_LABEL
 from ppfr.deploy.gallery import Gallery, GalleryError
 from ppfr.deploy.gallery.npz import _read
+from tests._cli import one_line_error
 
 EXAMPLES = int(os.environ.get("PPFR_FUZZ_EXAMPLES", "120"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="PPFR_FUZZ_EXAMPLES" not in os.environ,
@@ -275,13 +276,6 @@ def test_gallery_npz_declared_shapes_fuzz(seeds, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ the regression corpus
-def _one_line_exit_2(capsys, rc: int, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
-    return err
 
 
 def _reproducer(seeds: Path, tmp_path: Path, name: str) -> tuple[Path, str]:
@@ -338,7 +332,7 @@ def test_reproducers_are_one_error_from_the_api(seeds, tmp_path, name):
 @pytest.mark.parametrize("name", REPRODUCERS)
 def test_reproducers_are_one_line_exit_2_from_data_inspect(seeds, tmp_path, capsys, name):
     path, needle = _reproducer(seeds, tmp_path, name)
-    _one_line_exit_2(capsys, ppfr_main(["data", "inspect", str(path)]), needle)
+    one_line_error(capsys, ppfr_main(["data", "inspect", str(path)]), needle)
 
 
 def test_labels_at_the_bound(seeds, tmp_path):
@@ -364,7 +358,7 @@ def model_pt(tmp_path_factory) -> Path:
 def test_reproducers_are_one_line_exit_2_from_eval(seeds, tmp_path, capsys, model_pt, name):
     path, needle = _reproducer(seeds, tmp_path, name)
     rc = ppfr_main(["eval", str(model_pt), "--data", str(path), "--out", str(tmp_path / "ev")])
-    _one_line_exit_2(capsys, rc, needle, str(path))
+    one_line_error(capsys, rc, needle, str(path))
 
 
 def test_gallery_npz_declaring_10e12_floats(seeds, tmp_path, capsys, caplog):
@@ -380,7 +374,7 @@ def test_gallery_npz_declaring_10e12_floats(seeds, tmp_path, capsys, caplog):
     with pytest.raises(GalleryError, match=r"declares shape \(250000000000, 4\)"):
         _read(bad / "gallery.npz")
     rc = ppfr_main(["gallery", "import", str(bad / "gallery.npz"), str(tmp_path / "dst")])
-    _one_line_exit_2(capsys, rc, str(bad / "gallery.npz"), "declares shape")
+    one_line_error(capsys, rc, str(bad / "gallery.npz"), "declares shape")
     pytest.importorskip("faiss")
     with open_gallery(bad, "arcface", 4) as g:  # the server's auto-import: skipped, with a warning naming the file
         assert len(g) == 0

@@ -18,6 +18,7 @@ import ppfr
 from ppfr.cli import main as ppfr_main
 from ppfr.models.checkpoints import CheckpointError, safe_load, save_checkpoint, verify_zip
 from ppfr.train.trainer import list_checkpoints, load_latest
+from tests._cli import one_line_error
 
 OPTIONS = {"depth": 18, "width": 4}
 TINY = """\
@@ -49,15 +50,6 @@ def _model_pt(path: Path) -> Path:
     return path
 
 
-def _one_line_exit_2(capsys, rc: int, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
-    return err
-
-
 def test_flipped_byte_in_model_pt_is_refused_naming_the_file(tmp_path, capsys):
     path = _model_pt(tmp_path / "model.pt")
     assert verify_zip(path) is True
@@ -68,11 +60,11 @@ def test_flipped_byte_in_model_pt_is_refused_naming_the_file(tmp_path, capsys):
         ppfr.methods.load_method(path)
     (tmp_path / "pairs.txt").write_text("0 1 a.jpg b.jpg\n")
     rc = ppfr_main(["eval", str(path), "--data", str(tmp_path / "pairs.txt"), "--out", str(tmp_path / "ev")])
-    _one_line_exit_2(capsys, rc, str(path), "CRC")
+    one_line_error(capsys, rc, str(path), "CRC")
     # init_from goes through the same loader (a ConfigError naming the key)
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY + f"out_dir: {tmp_path / 'runs'}\n")
-    _one_line_exit_2(capsys, ppfr_main(["train", str(cfg), f"init_from={path}"]), "init_from", str(path), "CRC")
+    one_line_error(capsys, ppfr_main(["train", str(cfg), f"init_from={path}"]), "init_from", str(path), "CRC")
 
 
 def test_truncated_and_non_zip_files(tmp_path):
@@ -115,12 +107,12 @@ def test_resume_falls_back_past_unverifiable_checkpoints(tmp_path):
     assert "resuming from" in messages and "cannot be verified beyond its zip CRCs" in messages
 
 
-def test_resume_with_only_a_corrupt_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+def test_resume_with_only_a_corrupt_checkpoint_isone_line_error(tmp_path, capsys):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY + f"out_dir: {tmp_path / 'runs'}\n")
     bad = _checkpoint(tmp_path / "runs" / "tiny", 1, digest=False)
     flip_tensor_byte(bad)
-    _one_line_exit_2(capsys, ppfr_main(["train", str(cfg), "--resume"]), str(bad), "Refusing to resume")
+    one_line_error(capsys, ppfr_main(["train", str(cfg), "--resume"]), str(bad), "Refusing to resume")
 
 
 def test_stray_checkpoint_names_are_ignored_with_a_warning(tmp_path):
