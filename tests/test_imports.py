@@ -152,6 +152,32 @@ def test_no_library_module_imports_the_cli():
     assert {m: i for m, i in offenders.items() if i} == {}
 
 
+# The floors: the ops, kernels, models and methods are what the verbs are built from, so none of them may import a
+# verb's room (not even lazily): a method that reached into ppfr.deploy would tie the method boundary to the server.
+LOWER_FLOORS = ("ppfr.ops", "ppfr.kernels", "ppfr.models", "ppfr.methods")
+UPPER_ROOMS = ("ppfr.deploy", "ppfr.cli", "ppfr.study", "ppfr.eval", "ppfr.train")
+
+
+def _in(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def test_lower_floors_import_no_upper_room():
+    graph = {m: _imports(m, p, lazy=True) for m, p in MODULES.items() if _in(m, LOWER_FLOORS)}
+    assert len(graph) > 20 and "ppfr.methods.base" in graph  # the walk sees the floors
+    offenders = {m: sorted(i for i in imported if _in(i, UPPER_ROOMS)) for m, imported in graph.items()}
+    assert {m: i for m, i in offenders.items() if i} == {}
+
+
+def test_the_layering_check_can_fail(tmp_path):
+    """The walk finds an upward import where there is one, lazy ones included (the check above is not vacuous)."""
+    path = tmp_path / "upward.py"
+    path.write_text("import torch\n\ndef f():\n    from ppfr.deploy.protocol import validate\n")
+    found = _imports("ppfr.methods.upward", path, lazy=True)
+    assert found == {"ppfr.deploy.protocol"} and _in("ppfr.deploy.protocol", UPPER_ROOMS)
+    assert _imports("ppfr.methods.upward", path, lazy=False) == set()
+
+
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if not m.endswith("__main__")))
 def test_every_module_imports(name):
     importlib.import_module(name)

@@ -21,8 +21,8 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from ppfr.deploy.protocol import check_origin, check_structure
-from ppfr.deploy.protocol import check_values as check_payload_values
+from ppfr.methods.contract import check_origin, check_structure
+from ppfr.methods.contract import check_values as check_payload_values
 
 SCHEMA_VERSION = 1
 
@@ -68,7 +68,8 @@ class Payload:
         """
         if not isinstance(self, Payload):
             raise TypeError(f"{method} expects a Payload, got {type(self).__name__}")
-        # the one contract of ppfr.deploy.protocol, which the runners and the server check as well
+        # the one contract of ppfr.methods.contract, which the runners and the server check as well (through
+        # ppfr.deploy.protocol)
         check_origin(self.method, self.schema_version, method, SCHEMA_VERSION)
         check_structure(spec, self.tensors, f"{method} payload", array_type=torch.Tensor, allow_empty=True)
         if _tracing():  # value checks need concrete data; an exported graph's runner checks ranges itself
