@@ -33,7 +33,7 @@ import torch
 
 from benchmarks.conftest import measure, require_ratio
 from ppfr.deploy.client import Client, encode_payload, protect_images
-from ppfr.deploy.gallery import Gallery
+from ppfr.deploy.gallery import open_gallery
 from ppfr.deploy.server import RecognitionServer, ServeConfig
 from ppfr.methods import build_method
 from ppfr.train.config import load_config
@@ -97,7 +97,9 @@ def _bench(benchmark, method, runner, tmp_path, *, case: str, provider: str, n_c
     else:
         body, ctype = wire.encode_payload_message(probe, {"top_k": 5}, fmt, spec=method.payload_spec), wire.CONTENT_TYPE
     cls = AsgiServer if stack == "asgi" else RecognitionServer
-    with cls(runner, Gallery(runner.embedding_size), TOKEN, config=ServeConfig()) as srv:
+    # the store a server runs on (sqlite + flat faiss index), fresh per case
+    gallery = open_gallery(tmp_path / f"gallery_{case}_{provider}", runner.method, runner.embedding_size)
+    with cls(runner, gallery, TOKEN, config=ServeConfig()) as srv:
         srv.service.gallery.enrol_many([(f"id{i:03d}", emb[i:i + 1]) for i in range(len(emb))])
         clients = [Client(srv.url, TOKEN) for _ in range(n_clients)]
         latencies: list[float] = []

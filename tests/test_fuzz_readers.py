@@ -31,9 +31,9 @@ from hypothesis import strategies as st
 from ppfr.cli import main as ppfr_main
 from ppfr.data import DataFormatError, binset, open_source, pairs, recordio, scan, tfrecord
 from ppfr.data._common import MAX_LABEL
-from ppfr.deploy.gallery import Gallery, GalleryError
-from ppfr.deploy.gallery.npz import _read
+from ppfr.deploy.gallery import GalleryError, read_npz
 from tests._cli import one_line_error
+from tests._npz_gallery import write_npz_gallery
 
 EXAMPLES = int(os.environ.get("PPFR_FUZZ_EXAMPLES", "120"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="PPFR_FUZZ_EXAMPLES" not in os.environ,
@@ -135,8 +135,8 @@ def seeds(tmp_path_factory) -> Path:
         (root / "lfw" / name / f"{name}_{j:04d}.jpg").write_bytes(images[j])
     (root / "lfw_pairs.txt").write_text("2\t1\na\t1\t2\na\t1\tb\t1\na\t2\t1\nb\t1\ta\t2\n")
     binset.write_bin(root / "ver.bin", images[:4] * 5, [True, False] * 5)
-    g = Gallery(4, "arcface", root / "gallery")
-    g.enrol_many([("x", np.eye(4, dtype=np.float32)[:2]), ("y", np.eye(4, dtype=np.float32)[2:])])
+    write_npz_gallery(root / "gallery", "arcface", {"x": np.eye(4, dtype=np.float32)[:2],
+                                                    "y": np.eye(4, dtype=np.float32)[2:]})  # fmt: skip
     return root
 
 
@@ -166,7 +166,7 @@ def test_every_seed_is_valid(seeds):
                  "ver.bin"):  # fmt: skip
         src = open_source(seeds / name)
         assert len(src) and scan(src, "header").bad == [], name
-    assert len(_read(seeds / "gallery" / "gallery.npz")[0]) == 2
+    assert len(read_npz(seeds / "gallery" / "gallery.npz")[0]) == 2
 
 
 # --------------------------------------------------------------------------------------------- properties
@@ -224,7 +224,7 @@ def test_bin_pairs_for_eval_fuzz(seeds):
 
 def _gallery_or_refuses(path: Path) -> None:
     try:
-        names, labels, emb, meta = _read(path)
+        names, labels, emb, meta = read_npz(path)
     except GalleryError:
         return
     assert emb.shape == (len(labels), meta["embedding_size"]) and labels.max(initial=-1) < len(names)
@@ -372,7 +372,7 @@ def test_gallery_npz_declaring_10e12_floats(seeds, tmp_path, capsys, caplog):
     assert len(data) < 1024
     (bad / "gallery.npz").write_bytes(data)
     with pytest.raises(GalleryError, match=r"declares shape \(250000000000, 4\)"):
-        _read(bad / "gallery.npz")
+        read_npz(bad / "gallery.npz")
     rc = ppfr_main(["gallery", "import", str(bad / "gallery.npz"), str(tmp_path / "dst")])
     one_line_error(capsys, rc, str(bad / "gallery.npz"), "declares shape")
     pytest.importorskip("faiss")

@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ppfr.deploy.gallery import Gallery, GalleryError, GalleryLike, Match, import_npz, main, open_gallery
+from ppfr.deploy.gallery import GalleryError, GalleryLike, Match, import_npz, main, open_gallery, read_npz
+from ppfr.deploy.protocol import l2_normalize
+from tests._cli import one_line_error
+from tests._npz_gallery import write_npz_gallery
 
 pytest.importorskip("faiss")
 
@@ -82,7 +85,7 @@ def _check_search(got: list[list[Match]], want: list[list[tuple[str, float]]]) -
 def test_enrol_identify_verify_remove(opener):
     rng = np.random.default_rng(0)
     g = opener()
-    assert isinstance(g, GalleryLike) and isinstance(Gallery(D), GalleryLike)  # what the server relies on
+    assert isinstance(g, GalleryLike)  # what the server relies on
     embs = {f"id{i}": _unit(rng, 1 + i % 3) for i in range(12)}
     counts = g.enrol_many(list(embs.items())[:6])
     assert counts == [1 + i % 3 for i in range(6)]
@@ -179,29 +182,86 @@ def test_bad_names_and_embeddings_are_refused_and_change_nothing(opener):
 def test_npz_import(opener, tmp_path):
     rng = np.random.default_rng(4)
     src = tmp_path / "legacy"
-    old = Gallery.open(src, "m", D)
     embs = {f"n{i}": _unit(rng, 1 + i % 2) for i in range(6)}
-    for n, e in embs.items():
-        old.enrol(n, e)
-    old.close()
+    write_npz_gallery(src, "m", embs)
     uri, index = _uri(opener.backend, tmp_path)
     assert import_npz(src, uri, index=index) == {"identities": 6, "embeddings": 9}
     with pytest.raises(GalleryError, match="already holds 6"):
         import_npz(src, uri, index=index)  # a second import would double every template
     g = opener()
     assert g.identities() == {n: len(e) for n, e in embs.items()}
+    names, labels, rows, _ = read_npz(src / "gallery.npz")
+    for i, n in enumerate(names):  # the file's rows through the one L2 rule every enrolment takes, bit for bit
+        got, want = g.embeddings(n), l2_normalize(rows[labels == i])
+        assert sorted(r.tobytes() for r in got) == sorted(r.tobytes() for r in want), n  # any order (qdrant)
     q = _unit(rng, 3)
     _check_search(g.search(q, 3), _brute(embs, q, 3))
+
+
+def test_npz_import_is_bit_exact_at_the_models_size(tmp_path):
+    """A legacy gallery of 512-d embeddings (the models' size) in the current store: the same names in the same
+    order, the same template counts, and every row bit for bit the file's row, in file order."""
+    rng = np.random.default_rng(7)
+    embs = {f"person {i}": _unit(rng, 1 + i % 3, 512) for i in range(9)}
+    src = write_npz_gallery(tmp_path / "legacy", "arcface", embs)
+    names, labels, rows, meta = read_npz(src)
+    assert names == list(embs) and meta["method"] == "arcface" and meta["embedding_size"] == 512
+    assert import_npz(src, tmp_path / "new") == {"identities": 9, "embeddings": len(rows)}
+    with open_gallery(tmp_path / "new", "arcface", 512) as g:
+        assert list(g.identities()) == names and g.identities() == {n: len(e) for n, e in embs.items()}
+        for i, n in enumerate(names):
+            assert np.array_equal(g.embeddings(n), rows[labels == i]), n  # bit-exact, enrolment order
+    with pytest.raises(GalleryError, match="enrolled with method 'arcface'"):  # the npz's model travels with it
+        open_gallery(tmp_path / "new", "other", 512)
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_corrupt_npz_is_a_one_line_error(tmp_path, capsys):
+    """Every way a gallery.npz can be unusable is one GalleryError line naming the file (``ppfr gallery import``:
+    exit 2, one line), and the file is never touched."""
+    rng = np.random.default_rng(8)
+    good = write_npz_gallery(tmp_path / "ok", "m", {"a": _unit(rng, 2, 8)}).read_bytes()
+    meta = np.frombuffer(b'{"format": "ppfr-gallery", "version": 1, "method": "m", "embedding_size": 8, '
+                         b'"names": ["a"]}', np.uint8)  # fmt: skip
+    one = np.zeros(1, np.int64)
+    corrupt = {
+        "truncated": (good[: len(good) // 2], "unusable"),
+        "garbage": (b"not a zip file at all", "unusable"),
+        "pickled object array": (_npz_bytes(embeddings=np.array([object()], dtype=object), labels=one, meta=meta),
+                                 "unusable"),  # fmt: skip
+        "label out of range": (_npz_bytes(embeddings=_unit(rng, 1, 8), labels=np.array([3]), meta=meta), "label"),
+        "not unit": (_npz_bytes(embeddings=np.ones((1, 8), np.float32), labels=one, meta=meta), "unit vectors"),
+        "bad header": (_npz_bytes(embeddings=_unit(rng, 1, 8), labels=one, meta=np.frombuffer(b"{]", np.uint8)),
+                       "not JSON"),  # fmt: skip
+        "another format": (_npz_bytes(embeddings=_unit(rng, 1, 8), labels=one,
+                                      meta=np.frombuffer(b'{"format": "x"}', np.uint8)), "not a ppfr-gallery"),  # fmt: skip
+    }
+    for case, (data, msg) in corrupt.items():
+        path = tmp_path / case.replace(" ", "_") / "gallery.npz"
+        path.parent.mkdir()
+        path.write_bytes(data)
+        with pytest.raises(GalleryError, match=msg) as e:
+            read_npz(path)
+        assert "\n" not in str(e.value) and str(path) in str(e.value), case
+        rc = main(["import", str(path), str(tmp_path / f"dst_{case.replace(' ', '_')}")])
+        one_line_error(capsys, rc, str(path), "unusable")
+        assert path.read_bytes() == data, case  # never overwritten
+    rc = main(["import", str(tmp_path / "absent.npz"), str(tmp_path / "dst")])
+    one_line_error(capsys, rc, "no gallery file at")
 
 
 # -------------------------------------------------------------------------------------------------- sqlite
 def test_folder_with_npz_is_imported_once_and_left_as_backup(tmp_path, caplog):
     rng = np.random.default_rng(5)
-    old = Gallery.open(tmp_path, "m", D)
     embs = {f"n{i}": _unit(rng, 2) for i in range(4)}
-    for n, e in embs.items():
-        old.enrol(n, e)
-    old.close()
+    write_npz_gallery(tmp_path, "m", embs)
     npz = (tmp_path / "gallery.npz").read_bytes()
     g = open_gallery(tmp_path, "m", D)  # a plain folder: folder/gallery.db, imported from folder/gallery.npz
     assert g.path == tmp_path / "gallery.db" and g.identities() == {n: 2 for n in embs}

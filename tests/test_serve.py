@@ -38,7 +38,7 @@ from ppfr.deploy.client import (
 )  # fmt: skip
 from ppfr.deploy import wire
 from ppfr.deploy.server.asgi import AsgiServer
-from ppfr.deploy.gallery import Gallery, GalleryError
+from ppfr.deploy.gallery import open_gallery
 from ppfr.deploy.server import (
     RecognitionServer, RecognitionService, RequestError, ServeConfig, open_server_gallery,
 )  # fmt: skip
@@ -428,7 +428,7 @@ def test_payload_range_checks_follow_the_spec(tmp_path):
         def run(self, inputs):
             raise AssertionError("inference on an invalid payload")
 
-    svc = RecognitionService(SpecOnly(), Gallery(512), TOKEN)
+    svc = RecognitionService(SpecOnly(), open_gallery(tmp_path, "arcface", 512), TOKEN)
     x = torch.rand(1, 3, 112, 112) * 2 - 1
     inputs, n = svc.check_payload(encode_payload(ppfr.methods.Payload("arcface", {"image": x})), single=True)
     assert n == 1 and np.array_equal(inputs["image"], x.numpy())
@@ -535,122 +535,7 @@ def test_concurrent_load_and_restart(runner, method, faces, tmp_path, stack):
         srv2.close()
 
 
-# ----------------------------------------------------------------------------------------- gallery, wire
-def _unit(rng, n, d=16):
-    x = rng.standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def test_gallery_search_persistence_and_atomicity(tmp_path, monkeypatch):
-    rng = np.random.default_rng(0)
-    g = Gallery.open(tmp_path, "m", 16, use_faiss=False)
-    embs = {f"id{i}": _unit(rng, 1 + i % 3) for i in range(7)}
-    for n, e in embs.items():
-        g.enrol(n, e)
-    q = _unit(rng, 4)
-    # brute force: an identity's score is its best cosine over its embeddings
-    want = {n: (q @ e.T).max(axis=1) for n, e in embs.items()}
-    got = g.search(q, top_k=3)
-    for r in range(4):
-        ranked = sorted(want, key=lambda n: -want[n][r])[:3]
-        assert [m.name for m in got[r]] == ranked
-        np.testing.assert_allclose([m.score for m in got[r]], [want[n][r] for n in ranked], rtol=1e-5)
-    np.testing.assert_allclose(g.verify("id5", q), want["id5"], rtol=1e-5)
-    assert g.remove("id2") == 3 and "id2" not in g
-    with pytest.raises(GalleryError, match="in use by another"):  # one server per gallery folder
-        Gallery.open(tmp_path, "m", 16)
-    g.close()
-    again = Gallery.open(tmp_path, "m", 16)
-    assert again.identities() == g.identities()
-    np.testing.assert_allclose(again.embeddings("id4"), embs["id4"], rtol=1e-6, atol=1e-7)  # re-normalised once
-    # a failed save (disk full, ...) changes neither the file nor the gallery in memory
-    before = (tmp_path / "gallery.npz").read_bytes()
-
-    def fail(*a):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
-        again.enrol_many([("new", _unit(rng, 1)), ("id0", _unit(rng, 2))])
-    monkeypatch.undo()
-    assert "new" not in again and again.identities() == g.identities()
-    assert (tmp_path / "gallery.npz").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".gallery.lock", "gallery.npz"]  # no temporary file
-    with pytest.raises(ValueError, match="finite and non-zero"):
-        again.enrol("z", np.zeros((1, 16), np.float32))
-    again.close()
-    with pytest.raises(GalleryError, match="enrolled with method 'm'"):
-        Gallery.open(tmp_path, "other", 16)
-
-
-def test_gallery_refuses_corrupt_files(tmp_path):
-    rng = np.random.default_rng(1)
-    g = Gallery.open(tmp_path / "ok", "m", 8)
-    g.enrol("a", _unit(rng, 2, 8))
-    good = (tmp_path / "ok" / "gallery.npz").read_bytes()
-    meta = json.dumps({"format": "ppfr-gallery", "version": 1, "method": "m", "embedding_size": 8, "names": ["a"]})
-
-    def npz(**arrays):
-        import io
-
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        return buf.getvalue()
-
-    meta_arr = np.frombuffer(meta.encode(), np.uint8)
-    corrupt = {
-        "truncated": (good[: len(good) // 2], "unusable"),
-        "garbage": (b"not a zip file at all", "unusable"),
-        "pickled object array": (npz(embeddings=np.array([object()], dtype=object), labels=np.zeros(1, np.int64),
-                                     meta=meta_arr), "unusable"),  # fmt: skip
-        "label out of range": (npz(embeddings=_unit(rng, 1, 8), labels=np.array([3]), meta=meta_arr), "label"),
-        "not unit": (npz(embeddings=np.ones((1, 8), np.float32), labels=np.zeros(1, np.int64), meta=meta_arr),
-                     "unit vectors"),  # fmt: skip
-        "bad header": (npz(embeddings=_unit(rng, 1, 8), labels=np.zeros(1, np.int64),
-                           meta=np.frombuffer(b"{]", np.uint8)), "not JSON"),  # fmt: skip
-    }
-    for case, (data, msg) in corrupt.items():
-        d = tmp_path / case.replace(" ", "_")
-        d.mkdir()
-        (d / "gallery.npz").write_bytes(data)
-        with pytest.raises(GalleryError, match=msg) as e:
-            Gallery.open(d, "m", 8)
-        assert "move it away" in str(e.value), case
-        assert (d / "gallery.npz").read_bytes() == data  # never overwritten
-
-
-def test_gallery_faiss_path_matches_numpy(tmp_path, monkeypatch):
-    """The faiss branch (deep enough search, per-identity max) against exact numpy, with a numpy stand-in for
-    faiss.IndexFlatIP (faiss itself is optional and not installed in CI)."""
-    import types
-
-    class IndexFlatIP:
-        def __init__(self, d):
-            self.x = np.zeros((0, d), np.float32)
-
-        def add(self, x):
-            self.x = np.concatenate([self.x, x])
-
-        def search(self, q, k):
-            s = q @ self.x.T
-            idx = np.argsort(-s, axis=1)[:, :k]
-            return np.take_along_axis(s, idx, 1), idx
-
-    monkeypatch.setitem(sys.modules, "faiss", types.SimpleNamespace(IndexFlatIP=IndexFlatIP))
-    rng = np.random.default_rng(2)
-    fast, exact = Gallery(16, use_faiss=True), Gallery(16, use_faiss=False)
-    assert fast._faiss is not None and exact._faiss is None
-    for i in range(20):
-        e = _unit(rng, 1 + (i % 4) * 3)  # uneven identity sizes: the search depth must cover k identities
-        fast.enrol(f"id{i}", e)
-        exact.enrol(f"id{i}", e)
-    q = _unit(rng, 5)
-    for k in (1, 3, 20):
-        a, b = fast.search(q, k), exact.search(q, k)
-        assert [[m.name for m in r] for r in a] == [[m.name for m in r] for r in b]
-        np.testing.assert_allclose([[m.score for m in r] for r in a], [[m.score for m in r] for r in b], rtol=1e-5)
-
-
+# -------------------------------------------------------------------------------------------------- wire
 def test_wire_format_is_little_endian_base64():
     x = np.arange(6, dtype=np.float32).reshape(1, 2, 3) - 2.5
     obj = encode_tensor(torch.from_numpy(x))
@@ -758,7 +643,7 @@ def test_degenerate_payloads_fail_alone(runner, method, faces, tmp_path, stack):
         assert c.health() == {"status": "ok"}
 
 
-def test_worker_isolates_a_failing_runner_call():
+def test_worker_isolates_a_failing_runner_call(tmp_path):
     """Below HTTP: a runner call that raises for the whole batch is retried request by request, so only the request
     that makes it raise gets a 500; a request whose embedding comes back NaN or zero gets a 422."""
     from ppfr.deploy.server import BatchingWorker, Job
@@ -778,11 +663,12 @@ def test_worker_isolates_a_failing_runner_call():
             out[x == 7] = np.nan
             return out
 
-    gallery = Gallery(4)
+    gallery = open_gallery(tmp_path, "m", 4)
     gallery.enrol("one", np.ones((1, 4), np.float32))
     runner = Picky()
     worker = BatchingWorker(runner, gallery, ServeConfig())
-    values = [1.0, -5.0, 7.0, 0.0, 2.0, 3.0]
+    # n4 enrols -0.5 (the direction opposite "one"): identify(1.0) then has one best match, not a tie
+    values = [1.0, -5.0, 7.0, 0.0, -0.5, 3.0]
     kinds = ["identify", "identify", "identify", "enrol", "enrol", "verify"]
     jobs = [Job(k, {"x": np.array([[v]], np.float32)}, 1, name="one" if k != "enrol" else f"n{i}")
             for i, (k, v) in enumerate(zip(kinds, values))]  # fmt: skip
@@ -1009,7 +895,7 @@ class _FakeTriton:
         return types.SimpleNamespace(as_numpy=lambda name: emb if name == "embedding" else None)
 
 
-def test_triton_runner_request_response_mapping(runner, method, faces):
+def test_triton_runner_request_response_mapping(runner, method, faces, tmp_path):
     """--runner triton://...: the runner reads method, spec and batch limit from the model config that
     ``ppfr export --format triton`` writes, maps payload arrays to InferInputs (names, Triton datatypes, batched
     shapes, raw bytes) and the embedding output back (normalised), against a mocked gRPC client."""
@@ -1048,13 +934,13 @@ def test_triton_runner_request_response_mapping(runner, method, faces):
     with pytest.raises(RuntimeError, match="not ready"):
         TritonRunner("triton://gpu-box:8001/missing", client=fake)
     # the server runs on it like on any runner
-    svc = RecognitionService(tr, Gallery(512), TOKEN)
+    svc = RecognitionService(tr, open_gallery(tmp_path / "gallery", tr.method, 512), TOKEN)
     inputs, n = svc.check_payload(encode_payload(ppfr.methods.Payload("partialface", {"dct": torch.from_numpy(x[:1])})),
                                   single=True)  # fmt: skip
     assert n == 1 and svc.info()["backend"] == "triton" and svc.config.max_batch == 4
 
 
-def test_openapi_page_lists_every_endpoint_with_its_summary_and_body():
+def test_openapi_page_lists_every_endpoint_with_its_summary_and_body(tmp_path):
     """The routes of both stacks are generated from one table (ppfr.deploy.api): each keeps its own operation,
     summary, typed request body and answer, and the error statuses it can answer."""
     from ppfr.deploy import api
@@ -1064,7 +950,7 @@ def test_openapi_page_lists_every_endpoint_with_its_summary_and_body():
         backend, method, embedding_size = "none", "arcface", 512
         input_spec = ppfr.build_method("arcface", depth=18, width=8).payload_spec
 
-    service = RecognitionService(SpecOnly(), Gallery(512), TOKEN)
+    service = RecognitionService(SpecOnly(), open_gallery(tmp_path, "arcface", 512), TOKEN)
     app = create_app(service, own_service=False)
     spec = app.openapi()
     assert spec == service.prepare("/openapi.json", None) == api.openapi()  # the stdlib stack serves the same

@@ -7,12 +7,11 @@
 * ``index``     that vector index (faiss: ``flat`` exact, ``hnsw`` / ``ivf`` approximate)
 * ``qdrant``    ``qdrant://host:port/collection`` (a Qdrant server or cluster), ``qdrant+local:///path`` (embedded)
 * ``stores``    URI -> store
-* ``npz``       the legacy single-file ``gallery.npz`` store (and the in-memory ``Gallery`` of tests)
-* ``importer``  ``gallery.npz`` -> any store (``ppfr gallery import SRC DST``; automatic for a folder's first
-                ``gallery.db``)
+* ``importer``  the legacy single-file ``gallery.npz`` (no longer a store): ``read_npz`` and its import into any
+                store (``ppfr gallery import SRC DST``; automatic for a folder's first ``gallery.db``)
 
-Imports point down: this package's ``__init__`` -> ``importer`` -> ``stores`` / ``npz`` -> ``helpers`` / ``protocol``;
-no store imports the package back.
+Imports point down: this package's ``__init__`` -> ``importer`` -> ``stores`` -> ``sqlite`` / ``qdrant`` ->
+``index`` / ``helpers`` / ``protocol``; no store imports the package back.
 """
 
 from __future__ import annotations
@@ -21,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from ppfr.deploy.gallery.helpers import MAX_NAME_LEN, check_name, check_probes, normalize
-from ppfr.deploy.gallery.importer import auto_import, import_npz, main
-from ppfr.deploy.gallery.npz import Gallery
+from ppfr.deploy.gallery.importer import auto_import, import_npz, main, read_npz
 from ppfr.deploy.gallery.protocol import GalleryError, GalleryLike, Match
 from ppfr.deploy.gallery.stores import open_store
 
-__all__ = ["MAX_NAME_LEN", "Gallery", "GalleryError", "GalleryLike", "Match", "check_name", "check_probes",
-           "import_npz", "main", "normalize", "open_gallery"]  # fmt: skip
+__all__ = ["MAX_NAME_LEN", "GalleryError", "GalleryLike", "Match", "check_name", "check_probes", "import_npz", "main",
+           "normalize", "open_gallery", "read_npz"]  # fmt: skip
 
 
 def open_gallery(uri: str | Path, method: str, embedding_size: int, *, index: str = "flat",

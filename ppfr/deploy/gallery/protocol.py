@@ -1,6 +1,6 @@
 """The gallery interface: what the server needs of a store of enrolled identities (``GalleryLike``), the ranked
 result of a search (``Match``) and the one error every store raises (``GalleryError``). Imports nothing of ppfr: the
-stores (``npz``, ``sqlite``, ``qdrant``) and the server import it.
+stores (``sqlite``, ``qdrant``), the npz importer and the server import it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class Match:
 
 @runtime_checkable
 class GalleryLike(Protocol):
-    """What the server needs of a gallery; :class:`Gallery`, ``SqliteGallery`` and ``QdrantGallery`` provide it.
+    """What the server needs of a gallery; ``SqliteGallery`` and ``QdrantGallery`` provide it.
 
     Embeddings are (N, D) float arrays (stored float32, L2-normalised; zero or non-finite rows refused); scores
     are cosines in [-1, 1]; an identity's score is its best cosine over its embeddings.
