@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ppfr.models.faceapi import FACEAPI_DIR_HELP
+
 # name: (finetune_loss, finetune_lr_mult); the first is FaceLinkGen's naive replica (plain 1 - cos, one rate)
 RECIPES = {
     "plain cos, copy at 1x": ("cosine", 1.0),
@@ -30,7 +32,7 @@ RECIPES = {
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", help="runs/<name>/model.pt of the method under attack")
+    ap.add_argument("model", help="runs/<name>/model.pt (or another model spec) of the method under attack")
     ap.add_argument("--data", required=True, help="the attacker's public faces: an image folder")
     ap.add_argument("--out", default="runs/linkage_sweep")
     ap.add_argument("--heldout-ids", type=int, default=30, help="public identities the recipes are scored on")
@@ -38,23 +40,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--linkage-steps", type=int, default=100)
     ap.add_argument("--finetune-steps", type=int, default=60)
     ap.add_argument("--max-train-images", type=int, default=1500)
-    ap.add_argument("--judge-dir", default=None)
+    ap.add_argument("--judge-dir", default=None, help=FACEAPI_DIR_HELP)
     a = ap.parse_args(argv)
 
-    from ppfr.eval.attacks import common as atk
+    from ppfr.eval.attacks.common import AttackConfig, AttackContext, resolve_target
+    from ppfr.eval.attacks.data import load_faces, open_val
+    from ppfr.eval.attacks.judge import make_judge
     from ppfr.eval.attacks.linkage import LinkageAttack
     from ppfr.eval.attacks.linkers import clean_embeddings, finetune_linker, frozen_teacher
     from ppfr.study import split_holdout
 
     out = Path(a.out)
     train_index, held_pairs = split_holdout(a.data, a.heldout_ids, out / "split", seed=7)
-    cfg = atk.AttackConfig(linkage_steps=a.linkage_steps, finetune_steps=a.finetune_steps,
-                           max_train_images=a.max_train_images, max_pairs=a.max_pairs)  # fmt: skip
-    judge = atk.make_judge("faceapi", a.judge_dir)
-    train = atk.load_faces(str(train_index), max_images=cfg.max_train_images, seed=cfg.seed)
-    val = atk.load_faces(atk.open_val(str(held_pairs), cfg.max_pairs))
-    target = atk.resolve_target(a.model)
-    ctx = atk.AttackContext(target, train, val, cfg, judge, log=print)
+    cfg = AttackConfig(linkage_steps=a.linkage_steps, finetune_steps=a.finetune_steps,
+                       max_train_images=a.max_train_images, max_pairs=a.max_pairs)  # fmt: skip
+    judge = make_judge("faceapi", a.judge_dir)
+    train = load_faces(str(train_index), max_images=cfg.max_train_images, seed=cfg.seed)
+    val = load_faces(open_val(str(held_pairs), cfg.max_pairs))
+    target = resolve_target(a.model)
+    ctx = AttackContext(target, train, val, cfg, judge, log=print)
     attack = LinkageAttack()
     anchor = clean_embeddings(judge, val, batch_size=cfg.eval_batch_size).all()
     rows = []

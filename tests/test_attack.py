@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 import ppfr
 from ppfr.eval.attacks import common as atk
+from ppfr.eval.attacks import data as atk_data
+from ppfr.eval.attacks import judge as atk_judge
+from ppfr.eval.attacks import results as atk_results
 from ppfr.eval.attacks import recovery as rec
 from ppfr.eval.attacks.cli import run_target
 from ppfr.eval.image_metrics import gaussian_taps, psnr, ssim
@@ -144,7 +147,7 @@ def test_payload_adapter_shapes(name, faces):
         payload = method.protect(faces, generator=torch.Generator().manual_seed(0))
         flat = atk.payload_to_image(payload)
         assert flat.shape == (2, channels, 112, 112) and flat.dtype == torch.float32
-        view = atk.visualise_payload(payload, method.payload_spec)
+        view = atk_results.visualise_payload(payload, method.payload_spec)
         assert view.shape == (2, 3, 112, 112) and view.min() >= 0 and view.max() <= 1
         shapes = atk.payload_shapes(payload)
         attacker = rec.RecoveryAttacker(shapes, stem_width=4, base_width=2)
@@ -207,7 +210,7 @@ def test_training_protections_draw_fresh_secrets(faces):
     # the attacker must train over the whole rank space: each step's generator gives new ranks, reproducibly
     method = ppfr.build_method("partialface", **SMALL).eval()
     with torch.no_grad():
-        p = [method.protect(faces, generator=atk._generator(0, atk.TRAIN_STREAM, s)).tensors["dct"] for s in (1, 2, 2)]
+        p = [method.protect(faces, generator=atk_data._generator(0, atk_data.TRAIN_STREAM, s)).tensors["dct"] for s in (1, 2, 2)]
     assert not torch.equal(p[0], p[1]) and torch.equal(p[1], p[2])
 
 
@@ -231,19 +234,19 @@ FACEAPI = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "fa
 
 
 def test_make_judge(tmp_path, faces):
-    assert atk.make_judge("none") is None
+    assert atk_judge.make_judge("none") is None
     with pytest.raises(atk.AttackError, match="no recogniser"):
-        atk.make_judge("identity")
+        atk_judge.make_judge("identity")
     with pytest.raises(atk.AttackError, match="not found"):
-        atk.make_judge(str(tmp_path / "missing.pt"))
+        atk_judge.make_judge(str(tmp_path / "missing.pt"))
     with pytest.warns(UserWarning, match="untrained"):
-        j = atk.make_judge("method:arcface:depth=18,width=8")
+        j = atk_judge.make_judge("method:arcface:depth=18,width=8")
     assert j.embed(faces).shape == (2, 512)
     with pytest.raises(atk.AttackError, match="not found"):
-        atk.make_judge("faceapi", str(tmp_path / "nowhere"))
+        atk_judge.make_judge("faceapi", str(tmp_path / "nowhere"))
     if not FACEAPI.is_dir():
         pytest.skip("face-api.js weights not found at ../shared/models/faceapi")
-    j = atk.make_judge("faceapi", str(FACEAPI))
+    j = atk_judge.make_judge("faceapi", str(FACEAPI))
     with torch.no_grad():
         assert j.embed(faces).shape == (2, 128)
 
@@ -275,16 +278,16 @@ def tiny_data(tmp_path_factory):
 
 
 def test_pair_subset_is_balanced_over_folds_and_classes(tiny_data):
-    full = atk.open_val(str(tiny_data / "pairs.txt"))
+    full = atk_data.open_val(str(tiny_data / "pairs.txt"))
     assert len(full.pairs) == 8 and len(full.files) == 8
-    sub = atk.open_val(str(tiny_data / "pairs.txt"), max_pairs=4)
+    sub = atk_data.open_val(str(tiny_data / "pairs.txt"), max_pairs=4)
     assert sub.pairs[:, :2].tolist() == [[0, 1], [0, 0], [1, 1], [1, 0]]
     # re-indexed rows point at the same image files as the full list's first genuine/impostor pair per fold
     named = [(sub.files[a].name, sub.files[a].parent.name, sub.files[b].parent.name) for _, _, a, b in sub.pairs]
     assert named == [("0.png", "v0", "v0"), ("0.png", "v0", "v1"), ("0.png", "v2", "v2"), ("0.png", "v2", "v3")]
     assert len(sub.files) == int(np.unique(sub.pairs[:, 2:]).size)
     with pytest.raises(atk.AttackError, match="at least one genuine and one impostor pair per fold"):
-        atk.open_val(str(tiny_data / "pairs.txt"), max_pairs=3)
+        atk_data.open_val(str(tiny_data / "pairs.txt"), max_pairs=3)
 
 
 def test_pair_verification_scores_embeddings_and_skips_missing_images():
@@ -293,13 +296,13 @@ def test_pair_verification_scores_embeddings_and_skips_missing_images():
     labels = torch.arange(8)
     pairs = np.array([[0, 1, 0, 1], [0, 1, 2, 3], [0, 0, 0, 2], [0, 0, 1, 3],
                       [1, 1, 4, 5], [1, 1, 6, 7], [1, 0, 4, 6], [1, 0, 5, 7]])  # fmt: skip
-    r = atk.pair_verification(emb, labels, pairs)
+    r = atk_judge.pair_verification(emb, labels, pairs)
     assert r.accuracy == 1.0 and r.pairs == 8 and r.auc == 1.0
     # swap the identities of images 1 and 2: both genuine pairs of fold 0 become impostors and vice versa
-    r = atk.pair_verification(emb[[0, 2, 1, 3, 4, 5, 6, 7]], labels, pairs)
+    r = atk_judge.pair_verification(emb[[0, 2, 1, 3, 4, 5, 6, 7]], labels, pairs)
     assert r.accuracy < 1.0
     with pytest.warns(UserWarning, match="2 of 8 pairs"):
-        r = atk.pair_verification(emb[:7], labels[:7], pairs)  # image 7 was never embedded
+        r = atk_judge.pair_verification(emb[:7], labels[:7], pairs)  # image 7 was never embedded
     assert r.pairs == 6
 
 
@@ -331,7 +334,7 @@ def test_cli_writes_json_markdown_and_png(tiny_data, tmp_path, capsys):
         assert r["label"] == label and r["heldout_images"] == 8 and r["identity_overlap"] == 0
         s = r["kinds"]["recovery"]
         assert s["applies"] and s["train"]["steps"] == 2 and s["n_faces"] == 8
-        assert set(atk.RESULT_KEYS) <= set(s)
+        assert set(atk_results.RESULT_KEYS) <= set(s)
         assert 0 < s["ssim"] < 1 and s["psnr"] > 0
         assert s["reid"]["judge"].startswith("arc_small") and s["reid"]["recovered"]["pairs"] == 8
         assert 0 <= s["reid"]["recovered"]["accuracy"] <= 1 and s["reid"]["original"]["pairs"] == 8
@@ -361,8 +364,8 @@ def test_cli_writes_json_markdown_and_png(tiny_data, tmp_path, capsys):
 
 
 def test_fresh_and_fixed_secrets_side_by_side(tiny_data, tmp_path):
-    train = atk.load_faces(str(tiny_data / "train"))
-    val = atk.load_faces(atk.open_val(str(tiny_data / "pairs.txt")))
+    train = atk_data.load_faces(str(tiny_data / "train"))
+    val = atk_data.load_faces(atk_data.open_val(str(tiny_data / "pairs.txt")))
     cfg = atk.AttackConfig(steps=1, batch_size=4, stem_width=4, base_width=2, grid_images=2)
     pf = atk.resolve_target("method:partialface:depth=18,width=8")
     r = run_target(pf, ["recovery"], train, val, cfg, tmp_path, log=None, secrets=["fresh", "fixed"])
@@ -370,8 +373,8 @@ def test_fresh_and_fixed_secrets_side_by_side(tiny_data, tmp_path):
     assert (tmp_path / pf.label / "grid.png").is_file() and (tmp_path / pf.label / "grid_fixed.png").is_file()
     # fixed: every face gets the same key; fresh: per-image keys
     x = train.batch(torch.arange(4))
-    fixed = atk.protect_with(pf.method, x, atk.AttackConfig(secrets="fixed"), 0, 0).tensors["dct"]
-    again = atk.protect_with(pf.method, x, atk.AttackConfig(secrets="fixed"), 0, 1).tensors["dct"]
+    fixed = atk_data.protect_with(pf.method, x, atk.AttackConfig(secrets="fixed"), 0, 0).tensors["dct"]
+    again = atk_data.protect_with(pf.method, x, atk.AttackConfig(secrets="fixed"), 0, 1).tensors["dct"]
     assert torch.equal(fixed, again)
     # a payload without a per-image secret: fixed would repeat fresh, so only fresh runs
     arc = atk.resolve_target("method:arcface:depth=18,width=8")
@@ -406,9 +409,9 @@ def test_identity_harness_recovers_held_out_faces():
     """The harness check: with payload = the plain image, a CPU-budget attacker recovers held-out identities'
     faces almost perfectly (SSIM > 0.9), and an attacker given no information (a constant payload) does not
     -- so the pipeline neither garbles the target nor leaks it into the input."""
-    train = atk.load_faces(str(CELEBA / "train"), max_images=400, seed=0)
-    val = atk.load_faces(str(CELEBA / "val"), max_images=32, seed=0)
-    assert atk.identity_overlap(train.source, val.source) == 0
+    train = atk_data.load_faces(str(CELEBA / "train"), max_images=400, seed=0)
+    val = atk_data.load_faces(str(CELEBA / "val"), max_images=32, seed=0)
+    assert atk_data.identity_overlap(train.source, val.source) == 0
     # measured: SSIM ~0.99 / PSNR ~31 dB for identity, ~0.28 / 11 dB for the blind control, ~10 s each on a
     # loaded 2-core machine
     cfg = atk.AttackConfig(steps=30, batch_size=8, lr=2e-2, stem_width=8, base_width=4, grid_images=0,

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 import ppfr
 from ppfr.eval.attacks import build_attack
-from ppfr.eval.attacks.common import AttackConfig, AttackContext, FaceSet, Target, merge_result
+from ppfr.eval.attacks.common import AttackConfig, AttackContext, Target
+from ppfr.eval.attacks.data import FaceSet
+from ppfr.eval.attacks.results import merge_result
 from ppfr.eval.attacks.inversion import (
     EXPLAINED, FreqInverter, Inverter, SecretSearch, dense_inversion_ref, images_to_planes, planes_to_images, true_keys,
 )  # fmt: skip
@@ -108,7 +110,7 @@ def test_inverter_recovers_partialface_payloads_without_the_secret():
 
 
 def test_attack_section_is_reproducible_and_schema_complete():
-    from ppfr.eval.attacks.common import RESULT_KEYS
+    from ppfr.eval.attacks.results import RESULT_KEYS
 
     def faceset(seed, n):
         return FaceSet(((smooth_faces(n, 112, seed) + 1) * 127.5).round().to(torch.uint8), torch.arange(n),

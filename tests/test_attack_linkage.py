@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppfr.data.sources import PairSource
-from ppfr.eval.attacks.common import (
-    RESULT_KEYS, AttackConfig, AttackContext, AttackError, FaceSet, Judge, protect_with, resolve_target,
-)  # fmt: skip
+from ppfr.eval.attacks.common import AttackConfig, AttackContext, AttackError, resolve_target
+from ppfr.eval.attacks.data import FaceSet, protect_with
+from ppfr.eval.attacks.judge import Judge
+from ppfr.eval.attacks.results import RESULT_KEYS
 from ppfr.eval.attacks.linkage import LinkageAttack
 from ppfr.eval.attacks.linkage_score import gallery_split, linkage_metrics, tar_at_fmr
 from ppfr.eval.attacks.linkers import Linker, build_linker, frozen_teacher, inverter_for, train_linker

@@ -315,7 +315,9 @@ def test_report_gives_each_linkage_form_and_the_strongest(tmp_path):
 def test_reused_row_reruns_the_insider_with_its_own_recogniser(tmp_path):
     """A transfer row with its scratch row's payload reuses the payload-only attacks, but the insider links with the
     row's own server: it is re-run and the strongest form recomputed."""
-    from ppfr.eval.attacks.common import AttackConfig, FaceSet, Judge, resolve_target
+    from ppfr.eval.attacks.common import AttackConfig, resolve_target
+    from ppfr.eval.attacks.data import FaceSet
+    from ppfr.eval.attacks.judge import Judge
     from ppfr.methods import build_method
     from ppfr.study import refresh_insider
 

@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="ppfr client",
                                  description="protect local faces and send only the payload to a ppfr server")
-    ap.add_argument("model", help="the trained model.pt (the client half of the method is loaded from it)")
+    ap.add_argument("model", help="the model the server runs: runs/<name>/model.pt, a run folder, or "
+                                  "method:NAME[:key=value,...] (the client half of the method is loaded from it)")
     ap.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8080")
     ap.add_argument("--token", default=None, help="access token (visible in the process list; prefer --token-file)")
     ap.add_argument("--token-file", default=None, help="file whose first line is the access token")
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name")
     args = ap.parse_args(argv)
 
-    from ppfr.methods import load_method
+    from ppfr.methods.spec import SpecError, load_model
     from ppfr.models.checkpoints import CheckpointError
 
     if args.wire == "json" and args.encoding != "raw":
@@ -279,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             out = client.identities() if args.action == "list" else client.remove(args.name)
         else:
             try:
-                method = load_method(args.model)
-            except CheckpointError as exc:
+                method, _ = load_model(args.model)
+            except (CheckpointError, SpecError) as exc:
                 print(f"ppfr client: {exc}", file=sys.stderr)
                 return 2
             client.spec = method.payload_spec

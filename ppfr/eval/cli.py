@@ -1,7 +1,7 @@
 """``ppfr eval CHECKPOINT --data PAIRS_OR_BIN [--ijb-dir DIR]``: evaluate a trained method or the face-api judge.
 
-CHECKPOINT is a ``runs/<name>/model.pt`` written by ``ppfr train`` (rebuilt with :func:`ppfr.methods.load_method`)
-or, with ``--judge faceapi`` (detected automatically for a folder holding the face-api.js manifest), the judge's
+CHECKPOINT is a model spec (:mod:`ppfr.methods.spec`): a ``runs/<name>/model.pt`` written by ``ppfr train``, its run
+folder, or ``method:NAME[:key=value,...]`` (untrained, the fixed seed of every verb); or, with ``--judge faceapi`` (detected automatically for a folder holding the face-api.js manifest), the judge's
 weight folder; the judge sees the clean RGB faces.
 
 * ``--data``: a pair list (``fold same path_a path_b`` or LFW ``pairs.txt``) or an insightface ``.bin``: 10-fold
@@ -82,19 +82,15 @@ def _build_embed(args: argparse.Namespace) -> tuple[Callable[[torch.Tensor], tor
         desc = {"kind": "judge", "judge": "faceapi", "checkpoint": str(path),
                 "input": "clean RGB, warped to the dlib 150x150 chip"}
         return (lambda x: model.embed(x.to(device))), desc, None
-    if path.is_dir():
-        if (path / "model.pt").is_file():
-            path = path / "model.pt"  # a run folder
-        else:
-            from ppfr.models.checkpoints import CheckpointError
+    from ppfr.methods.spec import SpecError, load_model
 
-            raise CheckpointError(f"{path} is a folder without model.pt (pass runs/<name>/model.pt, or --judge faceapi "
-                                  "for face-api.js weights)")  # fmt: skip
-    from ppfr.methods import load_method
-
-    method = load_method(path, map_location=device)
+    try:
+        method, src = load_model(args.checkpoint, map_location=device)
+    except SpecError as exc:
+        hint = " (or --judge faceapi for a face-api.js weight folder)" if path.is_dir() else ""
+        raise SpecError(f"{exc}{hint}") from None
     gen = torch.Generator().manual_seed(args.seed)
-    desc = {"kind": "method", "method": method.name, "checkpoint": str(path),
+    desc = {"kind": "method", "method": method.name, "checkpoint": str(src.path or src.text),
             "options": {f.name: _jsonable(getattr(method.options, f.name)) for f in dataclasses.fields(method.options)}}
     return (lambda x: method.embed(x.to(device), generator=gen)), desc, method
 
@@ -313,13 +309,19 @@ def _plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, path
 
 def _default_out(args: argparse.Namespace, desc: dict) -> Path:
     ck = Path(desc["checkpoint"])
-    model = desc.get("judge") or (ck.parent.name if ck.name == "model.pt" else ck.stem)
+    if desc.get("judge"):
+        model = desc["judge"]
+    elif desc["checkpoint"].startswith("method:"):  # an untrained method: its name (options make no folder name)
+        model = f"{desc['method']}_untrained"
+    else:
+        model = ck.parent.name if ck.name == "model.pt" else ck.stem
     data = Path(args.data).stem if args.data else Path(args.ijb_dir).name
     return Path("runs") / "eval" / f"{model}-{data}"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ppfr.data._common import DataFormatError
+    from ppfr.methods.spec import SpecError
     from ppfr.models.checkpoints import CheckpointError
 
     if not args.data and not args.ijb_dir:
@@ -367,7 +369,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except DataFormatError as exc:  # a file the data layer refuses: say which argument named it
         print(f"ppfr eval: {reading.split()[0]}: {exc}", file=sys.stderr)
         return 2
-    except (CheckpointError, FileNotFoundError) as exc:
+    except (CheckpointError, SpecError, FileNotFoundError) as exc:
         print(f"ppfr eval: {exc}", file=sys.stderr)
         return 2
     except UnicodeDecodeError as exc:  # a binary file (a .pkl, an image, ...) where a text listing was expected
@@ -414,7 +416,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="runs/<name>/model.pt (or its folder), or a judge's weight folder")
+    p.add_argument("checkpoint", help="runs/<name>/model.pt (or its folder), method:NAME[:key=value,...] (untrained, "
+                                      "fixed seed), or a judge's weight folder")
     p.add_argument("--data", default=None, help="pair list (fold same a b / LFW pairs.txt) or insightface .bin")
     p.add_argument("--image-root", default=None, help="where pair-list paths are resolved (default: the list's folder)")
     p.add_argument("--ijb-dir", default=None,

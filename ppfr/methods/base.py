@@ -342,7 +342,8 @@ def load_method(path: Any, map_location: str | torch.device = "cpu", **overrides
 
     The file is read with ``torch.load(weights_only=True)`` (never an arbitrary unpickle). ``overrides`` replace
     saved options (e.g. ``backend="cpp"``). Returns the method in eval mode. Raises CheckpointError on a file that
-    is not a ppfr model (the message says what is missing) or whose weights do not fit.
+    is not a ppfr model (the message says what is missing), whose method is not installed here, or whose weights do
+    not fit.
     """
     from ppfr.models.checkpoints import CheckpointError, safe_load
 
@@ -350,9 +351,15 @@ def load_method(path: Any, map_location: str | torch.device = "cpu", **overrides
     missing = [k for k in ("model", "method", "method_options") if k not in ck]
     if missing:
         raise CheckpointError(f"{path} is not a ppfr model file (missing {missing}); pass runs/<name>/model.pt")
+    name = str(ck["method"])
+    _load_builtin()
+    if name not in _REGISTRY:  # e.g. trained with a plugin that is not installed in this environment
+        raise CheckpointError(f"{path} holds a {name!r} model, and no installed method is called {name!r} "
+                              f"(available: {', '.join(sorted(_REGISTRY))}); install the package that provides "
+                              "it (a ppfr.methods plugin)")  # fmt: skip
     opts = {k: v for k, v in dict(ck["method_options"]).items() if k not in LOAD_TIME_OPTIONS}
     opts.update(overrides)
-    method = build_method(str(ck["method"]), **opts)
+    method = build_method(name, **opts)
     if isinstance(ck.get("transfer"), dict):  # trained with ``transfer:``: rebuild its server (weights follow)
         from ppfr.models.transfer import TransferError, apply_record
 

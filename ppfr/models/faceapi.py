@@ -44,6 +44,11 @@ from torch import nn
 from ppfr.models.checkpoints import CheckpointError
 
 MANIFEST_NAME = "face_recognition_model-weights_manifest.json"
+FACEAPI_DIR_ENV = "PPFR_FACEAPI_DIR"
+SHARED_FACEAPI = Path("shared") / "models" / "faceapi"  # where the shared reference data keeps the weights
+# What every option that takes the folder says about its default (``--judge-dir``, ``transfer.source_dir``, ...).
+FACEAPI_DIR_HELP = (f"face-api.js weights folder (default: ${FACEAPI_DIR_ENV}, else the first {SHARED_FACEAPI} found "
+                    "walking up from the current directory, then from the ppfr package)")
 MEAN_RGB = (122.782, 117.001, 104.298)  # dlib's training-set mean, in [0, 255] RGB
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25  # dlib's compute_face_descriptor / face_recognition default
@@ -336,6 +341,35 @@ def _expected_manifest_names() -> set[str]:
     for prefix in ["conv32_down"] + [f"{b}/conv{i}" for b, *_ in _BLOCKS for i in (1, 2)]:
         names |= {f"{prefix}/conv/filters", f"{prefix}/conv/bias", f"{prefix}/scale/weights", f"{prefix}/scale/biases"}
     return names
+
+
+def faceapi_dir(explicit: str | Path | None = None) -> Path:
+    """The face-api.js weights folder: ``explicit`` if given, else ``$PPFR_FACEAPI_DIR``, else the first
+    ``shared/models/faceapi`` in the current directory or a folder above it, else the same from the installed
+    package's location (so any working directory inside or beside the checkout finds the shared data).
+
+    An explicit or environment value is used as given: if it is not a folder, CheckpointError says so rather than
+    quietly reading other weights. When nothing is found, CheckpointError lists what was tried.
+    """
+    import os
+
+    if explicit:
+        if not Path(explicit).is_dir():
+            raise CheckpointError(f"face-api.js weights folder {str(explicit)!r} not found")
+        return Path(explicit)
+    env = os.environ.get(FACEAPI_DIR_ENV)
+    if env:
+        if not Path(env).is_dir():
+            raise CheckpointError(f"face-api.js weights folder {env!r} (${FACEAPI_DIR_ENV}) not found")
+        return Path(env)
+    starts = [Path.cwd().resolve(), Path(__file__).resolve().parent]
+    for start in starts:
+        for d in (start, *start.parents):
+            if (d / SHARED_FACEAPI).is_dir():
+                return d / SHARED_FACEAPI
+    # no hint here: each caller names its own option (--judge-dir, transfer.source_dir, ...)
+    raise CheckpointError(f"face-api.js weights not found: ${FACEAPI_DIR_ENV} is not set, and no {SHARED_FACEAPI} "
+                          f"is in {starts[0]}, {starts[1]} or a folder above either")  # fmt: skip
 
 
 def load_faceapi_judge(path_dir: str | Path, device: str | torch.device = "cpu") -> FaceApiJudge:

@@ -30,8 +30,6 @@ no marked stages, so DuetFace and PRO-Face C cannot inject into it).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,11 +55,6 @@ def server_attr(method: nn.Module) -> str:
         if isinstance(getattr(method, attr, None), nn.Module):
             return attr
     raise TransferError(f"{type(method).__name__} has no server backbone ({' / '.join(SERVER_ATTRS)}) to transfer into")
-
-
-def default_faceapi_dir() -> str:
-    """The face-api.js weights folder: ``$PPFR_FACEAPI_DIR``, else ``../shared/models/faceapi`` (as ``make_judge``)."""
-    return os.environ.get("PPFR_FACEAPI_DIR") or str(Path("..") / "shared" / "models" / "faceapi")
 
 
 # ------------------------------------------------------------------------------------------------ modules

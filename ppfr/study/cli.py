@@ -6,6 +6,7 @@ import argparse
 import sys
 
 
+from ppfr.models.faceapi import FACEAPI_DIR_HELP
 from ppfr.study.budget import BudgetError
 from ppfr.study.config import DEFAULT_METHODS, StudyConfig
 from ppfr.study.holdout import HoldoutError
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-steps", type=int, default=d.finetune_steps,
                     help="the finetune linkage form's steps with the judge copy unfrozen")
     ap.add_argument("--judge", default=d.judge, help="faceapi | none | a model.pt")
-    ap.add_argument("--judge-dir", default=None, help="face-api weights folder (default ../shared/models/faceapi)")
+    ap.add_argument("--judge-dir", default=None, help=FACEAPI_DIR_HELP)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap steps per epoch (smoke runs)")
     ap.add_argument("--batch-size", type=int, default=None, help="training batch size (default: the configs')")

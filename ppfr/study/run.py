@@ -79,8 +79,10 @@ def reuse_attacks(twin: Path, dest: Path, label: str, twin_label: str) -> dict[s
 # Over 120 lines on purpose: the study is one resumable sequence (setup, plan, then per row train -> evaluate -> time
 # -> attack, with the ledger and the budget threaded through); split, its state would travel through every piece.
 def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
-    from ppfr.eval.attacks import common as atk
     from ppfr.eval.attacks.cli import parse_kinds, run_target, write_summary
+    from ppfr.eval.attacks.common import AttackConfig, resolve_target
+    from ppfr.eval.attacks.data import load_faces, open_val
+    from ppfr.eval.attacks.judge import judge_embeddings, make_judge, pair_verification
     from ppfr.methods import load_method
     from ppfr.train.trainer import Trainer
 
@@ -100,19 +102,19 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
     ledger = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {"seconds": 0.0, "invocations": 0}
     ledger.setdefault("runs", {})
     study = study_runs(cfg)
-    acfg = atk.AttackConfig(steps=cfg.attack_steps, max_train_images=cfg.attack_train_images,
-                            max_pairs=cfg.attack_pairs, seed=0, linkage_steps=cfg.linkage_steps,
-                            linkage_form=cfg.linkage_form, finetune_steps=cfg.finetune_steps)  # fmt: skip
+    acfg = AttackConfig(steps=cfg.attack_steps, max_train_images=cfg.attack_train_images,
+                        max_pairs=cfg.attack_pairs, seed=0, linkage_steps=cfg.linkage_steps,
+                        linkage_form=cfg.linkage_form, finetune_steps=cfg.finetune_steps)  # fmt: skip
     kinds = parse_kinds(cfg.attack_kinds)
-    val_src = atk.open_val(cfg.pairs, acfg.max_pairs)
-    judge = atk.make_judge(cfg.judge, cfg.judge_dir) if cfg.judge != "none" else None
-    attack_train = atk.load_faces(cfg.data, max_images=acfg.max_train_images, seed=acfg.seed)
-    attack_val = atk.load_faces(val_src, max_images=acfg.max_val_images, seed=acfg.seed)
+    val_src = open_val(cfg.pairs, acfg.max_pairs)
+    judge = make_judge(cfg.judge, cfg.judge_dir) if cfg.judge != "none" else None
+    attack_train = load_faces(cfg.data, max_images=acfg.max_train_images, seed=acfg.seed)
+    attack_val = load_faces(val_src, max_images=acfg.max_val_images, seed=acfg.seed)
     judge_orig = None
     if judge is not None:
-        emb = atk.judge_embeddings(judge, (attack_val.batch(torch.arange(i, min(i + 32, len(attack_val))))
-                                           for i in range(0, len(attack_val), 32)))  # fmt: skip
-        judge_orig = atk.pair_verification(emb, attack_val.labels, attack_val.source.pairs)
+        emb = judge_embeddings(judge, (attack_val.batch(torch.arange(i, min(i + 32, len(attack_val))))
+                                       for i in range(0, len(attack_val), 32)))  # fmt: skip
+        judge_orig = pair_verification(emb, attack_val.labels, attack_val.source.pairs)
         log(f"study: judge {judge.name} on the original held-out faces: {judge_orig}")
     timing_images = load_rgb(cfg, cfg.timing_batch)
 
@@ -198,7 +200,7 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
             reuse_attacks(attack_dir / twin, attack_dir / name, name, twin)
             log(f"study: {name}: its payload is bit-identical to {twin}'s: {twin}'s payload-only attacks apply, "
                 "reused")  # fmt: skip
-            target = dataclasses.replace(atk.resolve_target(str(model_pt)), label=name)
+            target = dataclasses.replace(resolve_target(str(model_pt)), label=name)
             refresh_insider(target, attack_dir, attack_train, attack_val, acfg, judge, log)
             todo = []
         if todo and time.perf_counter() >= deadline:
@@ -206,7 +208,7 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict[str, Any]]:
             log(f"study: {name}: attacks skipped, the budget is spent")
         elif todo:
             t2 = time.perf_counter()
-            target = dataclasses.replace(atk.resolve_target(str(model_pt)), label=name)
+            target = dataclasses.replace(resolve_target(str(model_pt)), label=name)
             run_target(target, todo, attack_train, attack_val, acfg, attack_dir, judge, judge_orig, log=log)
             spent["attack_s"] = round(spent.get("attack_s", 0.0) * (len(done) > 0) + time.perf_counter() - t2, 1)
         row["attack"] = json.loads(res_path.read_text()) if res_path.is_file() else {"kinds": {}}

@@ -119,8 +119,9 @@ class EvalConfig:
 class TransferConfig:
     """Pretrained transfer (docs/methods.md "Transfer and distillation"): the method's server backbone becomes
     ``adapter -> pretrained recogniser -> projection``. ``source``: null (off) | ``faceapi`` (the face-api.js weights
-    in ``source_dir``, default ``$PPFR_FACEAPI_DIR`` or ../shared/models/faceapi) | a ppfr model.pt (its IR server) |
-    an ``.onnx`` recogniser (N, C, S, S) -> (N, D) (interpreted with PyTorch ops, so it fine-tunes).
+    in ``source_dir``, default :func:`ppfr.models.faceapi.faceapi_dir`: ``$PPFR_FACEAPI_DIR``, else the first
+    shared/models/faceapi walking up from the working directory, then from the package) | a ppfr model.pt (its IR
+    server) | an ``.onnx`` recogniser (N, C, S, S) -> (N, D) (interpreted with PyTorch ops, so it fine-tunes).
     ``adapter``: ``conv`` (the trained adapter in front of the recogniser), ``none`` (a model.pt's IR weights load into
     the method's own IR where shapes match) or ``auto`` (conv, except none for a model.pt into DuetFace / PRO-Face C,
     whose servers also take injected client maps). The recogniser stays frozen for the first ``freeze_epochs`` epochs of each stage that

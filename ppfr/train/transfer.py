@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppfr.models.transfer import (
-    TransferError, TransferredServer, attach, default_faceapi_dir, ir_spec, payload_tensor_spec, server_attr,
+    TransferError, TransferredServer, attach, ir_spec, payload_tensor_spec, server_attr,
 )  # fmt: skip
 
 
@@ -37,11 +37,10 @@ from ppfr.models.transfer import (
 def _load_faceapi(weights_dir: str | None, key: str, dir_key: str, device: torch.device | str = "cpu"):
     """The face-api.js recogniser (eval mode, no gradients); TransferError naming ``key`` / ``dir_key`` if absent."""
     from ppfr.models.checkpoints import CheckpointError
-    from ppfr.models.faceapi import load_faceapi_judge
+    from ppfr.models.faceapi import faceapi_dir, load_faceapi_judge
 
-    d = weights_dir or default_faceapi_dir()
     try:
-        return load_faceapi_judge(d, device=device)
+        return load_faceapi_judge(faceapi_dir(weights_dir), device=device)
     except CheckpointError as exc:
         raise TransferError(f"{key}=faceapi: {exc} (set {dir_key}=DIR or PPFR_FACEAPI_DIR)") from None
 

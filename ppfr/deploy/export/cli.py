@@ -1,7 +1,8 @@
 """``ppfr export CHECKPOINT --format onnx|tensorrt|triton``: deployable graphs of a trained (or untrained) model.
 
-CHECKPOINT is a ``runs/<name>/model.pt`` or ``method:NAME[:key=value,...]`` (untrained defaults, seed 0). Outputs go
-to ``--out`` (default: ``export/`` next to the checkpoint, ``runs/export/<method>`` for ``method:``):
+CHECKPOINT is a model spec (:mod:`ppfr.methods.spec`): a ``runs/<name>/model.pt``, a run folder holding one, or
+``method:NAME[:key=value,...]`` (untrained defaults, the one fixed seed of every verb). Outputs go to ``--out``
+(default: ``export/`` next to the model.pt, ``runs/export/<method>`` for ``method:``):
 
 * ``onnx``      ``<out>/<part>.onnx``, checked for parity against eager PyTorch with ONNX Runtime (unless
                 ``--no-verify``)
@@ -24,16 +25,19 @@ from pathlib import Path
 
 
 def _default_out(checkpoint: str, fmt: str) -> Path:
-    if checkpoint.startswith("method:"):
-        base = Path("runs") / "export" / checkpoint.split(":")[1]
-    else:
-        base = Path(checkpoint).parent / "export"
+    """``export/`` beside the model.pt (a run folder's too), ``runs/export/<method>`` for ``method:``; SpecError
+    for a spec that names nothing."""
+    from ppfr.methods.spec import parse_model_spec
+
+    src = parse_model_spec(checkpoint)
+    base = Path("runs") / "export" / src.name if src.path is None else src.path.parent / "export"
     return base / "triton" if fmt == "triton" else base
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ppfr export", description="export a model to ONNX / TensorRT / Triton")
-    ap.add_argument("checkpoint", help="runs/<name>/model.pt, or method:NAME[:key=value,...] (untrained)")
+    ap.add_argument("checkpoint", help="runs/<name>/model.pt, a run folder, or method:NAME[:key=value,...] (untrained, "
+                                       "fixed seed)")
     ap.add_argument("--format", required=True, choices=["onnx", "tensorrt", "triton"])
     ap.add_argument("--out", default=None, help="output directory (default: export/ next to the checkpoint)")
     ap.add_argument("--part", default="server", choices=["server", "client"],
@@ -50,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-queue-delay-us", type=int, default=500, help="Triton dynamic batching queue delay")
     ap.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime parity check")
     args = ap.parse_args(argv)
-    out = Path(args.out) if args.out else _default_out(args.checkpoint, args.format)
+    try:
+        out = Path(args.out) if args.out else _default_out(args.checkpoint, args.format)
+    except ValueError as exc:  # SpecError: the spec names no model
+        print(f"ppfr export: {exc}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="ppfr-export-") as tmp:
         return _run(args, out, Path(tmp))
 

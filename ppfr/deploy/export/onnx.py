@@ -48,6 +48,7 @@ from torch import nn
 from ppfr.deploy.export import metadata as meta
 from ppfr.deploy.protocol import l2_normalize
 from ppfr.methods.base import ExportGraph, Method, TensorSpec
+from ppfr.methods.spec import load_model
 
 DEFAULT_OPSET = 17
 EXPORTERS = ("torchscript", "dynamo")
@@ -65,32 +66,16 @@ class ExportError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------ sources
 def load_source(source: str | Path) -> tuple[Method, dict[str, str]]:
-    """A model.pt (read safely) or ``method:NAME[:key=value,...]`` (untrained, seed 0) -> (method in eval mode, info).
+    """A model spec (:func:`ppfr.methods.spec.load_model`: a model.pt, a run folder, or ``method:NAME[:key=value,...]``
+    untrained with the one fixed seed) -> (method in eval mode, info).
 
     info: ``label`` (the file name or the method string) and ``sha256`` (file digest, or digest of name+options).
     """
-    s = str(source)
-    if s.startswith("method:"):
-        import yaml
-
-        _, _, rest = s.partition(":")
-        name, _, opts_text = rest.partition(":")
-        opts: dict[str, Any] = {}
-        for item in filter(None, (t.strip() for t in opts_text.split(","))):
-            key, eq, value = item.partition("=")
-            if not eq or not key:
-                raise ValueError(f"bad option {item!r} in {s!r}; write method:NAME:key=value,key=value")
-            opts[key.strip()] = yaml.safe_load(value)
-        from ppfr.methods import build_method
-
-        with torch.random.fork_rng(devices=[]):  # untrained weights, but the same ones on every load
-            torch.manual_seed(0)
-            method = build_method(name, **opts)
-        return method.eval(), {"label": s, "sha256": meta.options_sha256(name, opts)}
-    from ppfr.methods import load_method
-
-    path = Path(source)
-    return load_method(path), {"label": path.name, "sha256": meta.file_sha256(path)}
+    method, src = load_model(source)
+    if src.kind == "method":
+        return method, {"label": src.text, "sha256": meta.options_sha256(src.name, src.options)}
+    assert src.path is not None
+    return method, {"label": src.path.name, "sha256": meta.file_sha256(src.path)}
 
 
 # ------------------------------------------------------------------------------------------------ graphs

@@ -9,9 +9,9 @@ emb = r.run({"dct": ..., "feat0": ..., ..., "roi": ...})  # numpy (B, *spec.shap
 
 ``path`` is one of
 
-* a ``model.pt`` written by ``ppfr train`` (read safely with ``load_method``),
-* ``method:NAME`` or ``method:NAME:key=value,key=value`` -- untrained defaults (weights from a fixed seed), for tests
-  and demos,
+* a ``model.pt`` written by ``ppfr train`` (read safely with ``load_method``), or a run folder holding one,
+* ``method:NAME`` or ``method:NAME:key=value,key=value`` -- untrained defaults (weights from the fixed seed every
+  verb uses, :mod:`ppfr.methods.spec`), for tests and demos,
 * an ``.onnx`` file written by ``ppfr export`` (the method and input spec come from its metadata),
 * a ``.engine`` / ``.plan`` TensorRT engine with its ``<engine>.json`` sidecar,
 * ``triton://host:port[/model]``: a Triton Inference Server (``triton_server``).
@@ -52,6 +52,7 @@ from ppfr.deploy.runtime.runners import (
     ClientRunner, EagerRunner, OnnxRuntimeRunner, Runner, TensorRTRunner, _OrtSession,
 )  # fmt: skip
 from ppfr.deploy.runtime.triton_server import TritonRunner
+from ppfr.methods.spec import is_method_spec, parse_model_spec
 
 RUNNER_BACKENDS = ("auto", "eager", "onnxruntime", "tensorrt", "triton")
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -74,9 +75,9 @@ def _tensorrt_reason() -> str | None:
 
 
 def _kind(path: str | Path) -> str:
-    s = str(path)
-    if s.startswith("method:"):
+    if is_method_spec(path):
         return "method"
+    s = str(path)
     suffix = Path(s).suffix.lower()
     if suffix == ".onnx":
         return "onnx"
@@ -183,6 +184,8 @@ def _resolve(path: str | Path, backend: str, part: str) -> tuple[str, Path | str
     kind = _kind(path)
     if kind != "method" and not Path(path).exists():
         raise FileNotFoundError(f"no model at {path}")
+    if kind == "checkpoint":
+        path = parse_model_spec(path).path  # a run folder -> its model.pt (the digest is the file's)
     if kind in ("onnx", "engine"):
         p = Path(path)
         if backend == "eager":
@@ -239,8 +242,9 @@ def load_runner(path: str | Path, backend: str = "auto", *, device: str | None =
     """Load the server side of a model on a backend (see the module docstring for ``path`` and ``auto``).
 
     Args:
-        path: model.pt, ``method:NAME[:k=v,...]``, .onnx, .engine/.plan, or ``triton://host:port[/model]`` (a
-            Triton Inference Server serving a ``ppfr export --format triton`` repository).
+        path: model.pt (or its run folder), ``method:NAME[:k=v,...]``, .onnx, .engine/.plan, or
+            ``triton://host:port[/model]`` (a Triton Inference Server serving a ``ppfr export --format triton``
+            repository).
         backend: "auto" | "eager" | "onnxruntime" | "tensorrt" | "triton" (auto picks triton for a triton:// URL).
         device: eager only (default: CPU).
         providers: onnxruntime providers (default: CUDA if available, then CPU).

@@ -25,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="ppfr serve", description="serve a trained or exported method over HTTP")
     ap.add_argument("model", nargs="?", default=None,
-                    help="model.pt, method:NAME, or an exported .onnx / .engine (ppfr export); --backend auto runs "
-                         "the fastest available (docs/deploy.md)")
+                    help="model.pt or its run folder, method:NAME[:key=value,...] (untrained, the fixed seed of every "
+                         "verb), or an exported .onnx / .engine (ppfr export); --backend auto runs the fastest "
+                         "available (docs/deploy.md)")
     ap.add_argument("--runner", default=None, metavar="triton://HOST:PORT[/MODEL]",
                     help="instead of MODEL: delegate inference to a Triton Inference Server (gRPC) serving a "
                          "`ppfr export --format triton` repository")

@@ -10,8 +10,10 @@ Kinds (docs/attack.md):
   server's own recogniser); the models are in :mod:`.linkers`, the 1:N / 1:1 scoring in :mod:`.linkage_score`.
 * ``recovery`` (:mod:`.recovery`) -- the papers' learned U-Net recovery (METHODS.md §7.4).
 
-Shared pieces (targets, faces, the judge, scoring, result files) are in :mod:`.common`; ``ppfr attack`` is
-:mod:`.cli`. A new kind is one file with one ``@register_attack`` class.
+Shared pieces, one responsibility per module: :mod:`.common` (the plugin interface, targets, the budget),
+:mod:`.data` (faces and their protection), :mod:`.judge` (the independent recogniser), :mod:`.fit` (the training
+loop), :mod:`.results` (scoring, result files, the grid); ``ppfr attack`` is :mod:`.cli`. A new kind is one file
+with one ``@register_attack`` class.
 """
 
 from __future__ import annotations

@@ -22,12 +22,14 @@ import torch
 from ppfr.data.sources import PairSource
 from ppfr.eval.attacks import available_attacks, build_attack
 from ppfr.eval.attacks.common import (
-    EVAL_STREAM, PAPER_PRIVACY, AttackConfig, AttackContext, AttackError, FaceSet, Judge, Target, identity_overlap,
-    judge_embeddings, load_faces, make_judge, merge_result, open_val, pair_verification, payload_shapes, protect_with,
-    resolve_target, result_path, save_grid, visualise_payload,
+    PAPER_PRIVACY, AttackConfig, AttackContext, AttackError, Target, payload_shapes, resolve_target,
 )  # fmt: skip
+from ppfr.eval.attacks.data import EVAL_STREAM, FaceSet, identity_overlap, load_faces, open_val, protect_with
+from ppfr.eval.attacks.judge import Judge, judge_embeddings, make_judge, pair_verification
+from ppfr.eval.attacks.results import merge_result, result_path, save_grid, visualise_payload
 from ppfr.eval.verification import VerificationResult
 from ppfr.methods.base import Payload
+from ppfr.models.faceapi import FACEAPI_DIR_HELP
 
 
 def parse_kinds(text: str) -> list[str]:
@@ -234,8 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         "teacher, learned U-Net recovery (docs/attack.md).",
     )
     ap.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                    help="runs/<name>/model.pt, 'identity' (harness check: payload = the RGB image), or "
-                         "'method:NAME[:key=value,...]' (an untrained method, e.g. method:partialface:depth=18)")
+                    help="runs/<name>/model.pt, a run folder, 'identity' (harness check: payload = the RGB image), or "
+                         "'method:NAME[:key=value,...]' (an untrained method with the fixed seed every verb uses, "
+                         "e.g. method:partialface:depth=18)")
     ap.add_argument("--kind", default="all",
                     help=f"attack kinds, comma-separated: {', '.join(available_attacks())}, or all (default: all "
                          "that apply)")  # fmt: skip
@@ -244,8 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="held-out faces: a pair list (enables re-identification and pair linkage) or a folder")
     ap.add_argument("--judge", default="faceapi",
                     help="judge and linkage teacher: faceapi (default), a model.pt, or none")
-    ap.add_argument("--judge-dir", default=None,
-                    help="face-api.js weights folder (default $PPFR_FACEAPI_DIR or ../shared/models/faceapi)")
+    ap.add_argument("--judge-dir", default=None, help=FACEAPI_DIR_HELP)
     ap.add_argument("--out", default="runs/attack", help="output folder (default runs/attack)")
     ap.add_argument("--secrets", default=d.secrets, choices=["fresh", "fixed", "both"],
                     help="fresh per-image secrets (default), one fixed key for every face (an attacker holding the "

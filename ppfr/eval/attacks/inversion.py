@@ -46,9 +46,9 @@ import numpy as np
 import torch
 
 from ppfr.eval.attacks import register_attack
-from ppfr.eval.attacks.common import (
-    EVAL_STREAM, Attack, AttackConfig, AttackContext, AttackError, FaceSet, protect_with, score_images,
-)  # fmt: skip
+from ppfr.eval.attacks.common import Attack, AttackConfig, AttackContext, AttackError
+from ppfr.eval.attacks.data import EVAL_STREAM, FaceSet, protect_with
+from ppfr.eval.attacks.results import score_images
 from ppfr.methods.base import FreqPayloadOperator, Method, Payload
 from ppfr.ops._freq_tables import ENC_BIAS, ENC_SCALE, RGB2YCC, banded_operators, dense_operators
 

@@ -63,7 +63,10 @@ from typing import Any
 import torch
 
 from ppfr.eval.attacks import register_attack
-from ppfr.eval.attacks.common import RESULT_KEYS, Attack, AttackContext, AttackError, FaceSet, Judge, identity_index
+from ppfr.eval.attacks.common import Attack, AttackContext, AttackError
+from ppfr.eval.attacks.data import FaceSet, identity_index
+from ppfr.eval.attacks.judge import Judge
+from ppfr.eval.attacks.results import RESULT_KEYS
 from ppfr.eval.attacks.linkage_score import score_linkage
 from ppfr.eval.attacks.linkers import (
     Linker, build_linker, centred, clean_embeddings, embed_heldout, finetune_linker, frozen_teacher,

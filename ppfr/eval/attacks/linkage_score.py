@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ppfr.data.sources import PairSource
-from ppfr.eval.attacks.common import AttackError, FaceSet, identity_index
+from ppfr.eval.attacks.common import AttackError
+from ppfr.eval.attacks.data import FaceSet, identity_index
 from ppfr.eval.verification import ten_fold
 
 # The FMRs of ``tar_at_fmr``, keyed as they appear in result.json.

@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppfr.eval.attacks.common import (
-    AUTO_LINKAGE_FORMS, EVAL_STREAM, LINKAGE_FORMS, NORM_STREAM, TRAIN_STREAM, AttackConfig, AttackContext,
-    AttackError, FaceSet, Judge, fit_attacker, identity_index, payload_shapes, protect_with,
+    AUTO_LINKAGE_FORMS, LINKAGE_FORMS, AttackConfig, AttackContext, AttackError, payload_shapes,
 )  # fmt: skip
+from ppfr.eval.attacks.data import EVAL_STREAM, NORM_STREAM, TRAIN_STREAM, FaceSet, identity_index, protect_with
+from ppfr.eval.attacks.fit import fit_attacker
+from ppfr.eval.attacks.judge import Judge
 from ppfr.eval.attacks.linkage_score import gallery_split, linkage_metrics
 from ppfr.eval.attacks.recovery import PayloadStem, RecoveryAttacker
 from ppfr.methods.base import Method, Payload

@@ -7,7 +7,7 @@ C's blur layout). It trains a recovery network on public faces of *other* identi
 each step protects a batch with new per-image secrets -- so it learns over the whole space of ranks / shuffles, as
 a real attacker sampling its own protections would -- and with ``secrets="fixed"`` one key for all (an attacker
 holding the client's key). It regresses the RGB face and is scored on held-out identities by
-:func:`ppfr.eval.attacks.common.score_images` (SSIM, PSNR, re-identification by the judge).
+:func:`ppfr.eval.attacks.results.score_images` (SSIM, PSNR, re-identification by the judge).
 
 * :class:`PayloadStem` -- per-channel standardisation + a learned 1x1 projection of every payload tensor.
 * :class:`RecoveryAttacker` -- stem + :class:`ppfr.models.unet.UNet` + a linear 1x1 shortcut -> RGB.
@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ppfr.eval.attacks import register_attack
-from ppfr.eval.attacks.common import (
-    EVAL_STREAM, IMAGE_SIZE, NORM_STREAM, PAPER_PRIVACY, TRAIN_STREAM, Attack, AttackConfig, AttackContext, FaceSet,
-    fit_attacker, payload_shapes, protect_with, score_images,
-)
+from ppfr.eval.attacks.common import IMAGE_SIZE, PAPER_PRIVACY, Attack, AttackConfig, AttackContext, payload_shapes
+from ppfr.eval.attacks.data import EVAL_STREAM, NORM_STREAM, TRAIN_STREAM, FaceSet, protect_with
+from ppfr.eval.attacks.fit import fit_attacker
+from ppfr.eval.attacks.results import score_images
 from ppfr.eval.image_metrics import ssim
 from ppfr.methods.base import Method, Payload
 from ppfr.models.unet import UNet
@@ -190,7 +190,7 @@ def attack_loss(recovered: torch.Tensor, target: torch.Tensor, cfg: AttackConfig
 def train_attacker(inputs: InputFn, attacker: RecoveryAttacker, train: FaceSet, cfg: AttackConfig,
                    device: torch.device | str = "cpu", log: Callable[[str], None] | None = print) -> dict:  # fmt: skip
     """Train ``attacker`` on the inputs of training faces (new secrets every step unless ``cfg.secrets`` is fixed)
-    with :func:`~ppfr.eval.attacks.common.fit_attacker`; returns its summary."""
+    with :func:`~ppfr.eval.attacks.fit.fit_attacker`; returns its summary."""
 
     def loss_fn(x: torch.Tensor, step: int, _draw: object = None) -> torch.Tensor:
         with torch.no_grad():
