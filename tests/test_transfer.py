@@ -264,3 +264,53 @@ def test_bad_sources_are_one_line_config_errors(tmp_path, source_pt):
     with pytest.raises(ConfigError, match="needs transfer.adapter=conv") as exc:  # found once the method is built
         Trainer(cfg, quiet=True).fit()
     assert "\n" not in str(exc.value)
+
+
+# ------------------------------------------------------------------------------------------ the teacher store
+def _distill_rows(run) -> list[list[str]]:
+    return [r.split(",") for r in (run / "distill.csv").read_text().splitlines()[1:]]
+
+
+def test_teacher_store_embeds_the_set_once_and_training_only_hits_it(source_pt, tmp_path, monkeypatch):
+    from ppfr.train.teacher_store import store_dir
+
+    from tests._faces import write_faces
+
+    monkeypatch.setenv("PPFR_CACHE_DIR", str(tmp_path / "cache"))
+    write_faces(tmp_path / "faces", [f"p{i}" for i in range(4)], 5, seed=3)  # 20 images, batches of 8
+    over = {"data.source": str(tmp_path / "faces"), "distill.teacher": source_pt, "distill.weight": 0.5,
+            "epochs": 2, "max_steps_per_epoch": 3}
+    logs: list[str] = []
+    tr = Trainer(_cfg(tmp_path / "a", **over), quiet=True)
+    tr.log = logs.append
+    tr.fit()
+    stores = list(store_dir().glob("*.pt"))
+    assert len(stores) == 1 and any("40 images embedded" in m for m in logs)
+    # every (image, flip) the random flips of two epochs drew was in the store: the teacher never ran in a step
+    rows = _distill_rows(tmp_path / "a" / "t")
+    assert rows and all(r[7] == "0" for r in rows) and int(rows[-1][6]) == 2 * 20  # 2 epochs of 8 + 8 + 4
+
+    logs.clear()
+    tr2 = Trainer(_cfg(tmp_path / "b", **over), quiet=True)
+    tr2.log = logs.append
+    tr2.fit()
+    assert any("40 teacher embeddings loaded from the store" in m for m in logs)
+    assert _distill_rows(tmp_path / "b" / "t") == rows  # the same targets, bit for bit: the same losses
+
+    stores[0].write_bytes(stores[0].read_bytes()[:-50])  # truncated: refused, said, rebuilt
+    logs.clear()
+    tr3 = Trainer(_cfg(tmp_path / "c", **over), quiet=True)
+    tr3.log = logs.append
+    tr3.fit()
+    assert any("ignoring the teacher store" in m for m in logs) and any("40 images embedded" in m for m in logs)
+    assert _distill_rows(tmp_path / "c" / "t") == rows
+
+
+def test_teacher_store_is_skipped_without_a_cache_or_a_dataset(source_pt, tmp_path, monkeypatch):
+    from ppfr.train.teacher_store import store_dir
+
+    monkeypatch.setenv("PPFR_CACHE_DIR", str(tmp_path / "cache"))
+    Trainer(_cfg(tmp_path, **{"distill.teacher": source_pt}), quiet=True).fit()  # data.source=synthetic
+    assert not store_dir().exists()
+    with pytest.raises(ConfigError, match="distill.precompute"):
+        _cfg(tmp_path, **{"distill.teacher": source_pt, "distill.precompute": "often"})

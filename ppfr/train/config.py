@@ -162,12 +162,15 @@ class DistillConfig:
     """Teacher distillation: ``weight * (1 - cos(u - mean u, t - mean t))`` (batch-centred cosine) between the server
     embedding u (through a learned projection where sizes differ) and the teacher's embedding t of the clean image,
     added to the stage's loss. ``teacher``: null (off)
-    | ``faceapi`` (weights in ``teacher_dir``) | a ppfr model.pt | an ``.onnx`` of 112 x 112 RGB. ``cache``: keep teacher embeddings per image."""
+    | ``faceapi`` (weights in ``teacher_dir``) | a ppfr model.pt | an ``.onnx`` of 112 x 112 RGB. ``cache``: keep teacher embeddings per image.
+    ``precompute`` (with ``cache``): embed the whole training set, as is and mirrored, once before the first step
+    and keep it on disk for later runs on the same data (:mod:`ppfr.train.teacher_store`)."""
 
     teacher: Optional[str] = None
     teacher_dir: Optional[str] = None
     weight: float = 1.0
     cache: bool = True
+    precompute: bool = True
 
     def __post_init__(self) -> None:
         if not self.weight >= 0:

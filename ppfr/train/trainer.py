@@ -287,6 +287,11 @@ class Trainer:
         self.setup_transfer(method)
         prepare_batchnorm(method, cfg.batchnorm, self.world)
         loader = self.make_loader()
+        if self.distiller is not None and cfg.distill.precompute:
+            # the teacher once per (image, flip) of the set before the first step, shared with later runs on it
+            from ppfr.train.teacher_store import precompute
+
+            precompute(self.distiller, cfg.data, self.log, write=self.is_main)
         num_classes = loader.num_classes
         stages = self.stage_plan(method)
         state = {"stage_idx": 0, "epoch": 0, "step_in_epoch": 0, "global_step": 0}

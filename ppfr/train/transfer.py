@@ -234,12 +234,11 @@ class Distiller:
             return torch.stack([self.cache[k] for k in keys]).to(images.device)
 
     def teacher_dim(self, image_size: int = 112) -> int:
-        if self.dim is None:
+        if self.dim is None:  # probed past the cache, which may already hold the training set (teacher_store)
             probe = torch.zeros(2, 3, image_size, image_size, device=self.device)
-            self.dim = int(self.teacher_embeddings(probe).shape[1])
-            if self.cache is not None:
-                self.cache.clear()
-                self.hits = self.misses = 0
+            self.teacher_module.eval()
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+                self.dim = int(self._embed(probe).shape[1])
         return self.dim
 
     # -- student ---------------------------------------------------------------------------------------------
