@@ -24,6 +24,8 @@ from ppfr.eval.attacks.cli import run_target
 from ppfr.eval.image_metrics import gaussian_taps, psnr, ssim
 from ppfr.methods import Payload
 
+from tests._faces import write_faces
+
 CELEBA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeba112"
 
 
@@ -252,23 +254,11 @@ def test_make_judge(tmp_path, faces):
 
 
 # ------------------------------------------------------------------------------------------ tiny dataset
-def _write_faces(root: Path, ids: list[str], per_id: int, seed: int) -> None:
-    from PIL import Image
-
-    g = np.random.default_rng(seed)
-    for i in ids:
-        (root / i).mkdir(parents=True)
-        base = g.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-        for k in range(per_id):
-            small = np.clip(base.astype(int) + g.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(small).resize((112, 112), Image.BILINEAR).save(root / i / f"{k}.png")
-
-
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("faces")
-    _write_faces(root / "train", [f"t{i}" for i in range(4)], 4, seed=1)
-    _write_faces(root / "val", [f"v{i}" for i in range(4)], 2, seed=2)
+    write_faces(root / "train", [f"t{i}" for i in range(4)], 4, seed=1)
+    write_faces(root / "val", [f"v{i}" for i in range(4)], 2, seed=2)
     lines = ["# fold same a b"]
     for fold, (a, b) in enumerate((("v0", "v1"), ("v2", "v3"))):
         lines += [f"{fold} 1 val/{a}/0.png val/{a}/1.png", f"{fold} 1 val/{b}/0.png val/{b}/1.png",

@@ -20,7 +20,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -28,6 +27,8 @@ from torch import nn
 import ppfr.methods.base
 from ppfr.methods import FreqPayloadOperator, Method, MethodOptions, Payload, Stage, TensorSpec, register_method
 from ppfr.ops.freq import freq_encode
+
+from tests._faces import write_faces
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "toy-token-0123456789"
@@ -105,25 +106,12 @@ def registered():
 
 
 # ------------------------------------------------------------------------------------------ data
-def _write_faces(root: Path, ids: list[str], per_id: int, seed: int) -> None:
-    """Per identity a smooth random pattern, per face that pattern plus noise: 112 x 112 PNGs in root/<id>/."""
-    from PIL import Image
-
-    g = np.random.default_rng(seed)
-    for i in ids:
-        (root / i).mkdir(parents=True)
-        base = g.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-        for k in range(per_id):
-            small = np.clip(base.astype(int) + g.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(small).resize((112, 112), Image.BILINEAR).save(root / i / f"{k}.png")
-
-
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory) -> Path:
     """train/ (4 identities x 4 faces), val/ (4 x 2, identity-disjoint) and pairs.txt over val (2 folds)."""
     root = tmp_path_factory.mktemp("faces")
-    _write_faces(root / "train", [f"t{i}" for i in range(4)], 4, seed=1)
-    _write_faces(root / "val", [f"v{i}" for i in range(4)], 2, seed=2)
+    write_faces(root / "train", [f"t{i}" for i in range(4)], 4, seed=1)
+    write_faces(root / "val", [f"v{i}" for i in range(4)], 2, seed=2)
     lines = ["# fold same a b"]
     for fold, (a, b) in enumerate((("v0", "v1"), ("v2", "v3"))):
         lines += [f"{fold} 1 val/{a}/0.png val/{a}/1.png", f"{fold} 1 val/{b}/0.png val/{b}/1.png",
