@@ -32,6 +32,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """Runs' on-disk caches (the teacher store, runners' exports) go to a session folder, not the user's home."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PPFR_CACHE_DIR", str(tmp_path_factory.mktemp("ppfr-cache")))
+        yield
+
+
 def triton_device() -> torch.device:
     """Where Triton kernels run in this session: the GPU if present, else CPU tensors in the interpreter."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
